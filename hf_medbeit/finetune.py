@@ -1,0 +1,195 @@
+"""Fine-tune an image classifier on a MedMNIST data set: the whole recipe, top to bottom.
+
+    hf-medbeit train --dataset_name breastmnist --output_dir runs/beit-breast
+    accelerate launch scripts/train.py --dataset_name pneumoniamnist --balancing undersample --balance_ratio 0.5
+    hf-medbeit train configs/study/beit-large-breastmnist-28.yaml
+
+Steps: arguments -> run folder -> data -> balancing -> model -> transforms -> Trainer -> best
+checkpoint by validation AUC -> ONE test evaluation -> results, predictions and plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import transformers
+from transformers.trainer_utils import get_last_checkpoint
+
+from . import outputs
+from .arguments import parse_args
+from .data import class_weights, label_array, load_medmnist, resample
+from .errors import UserError
+from .metrics import auc_confidence_interval, confusion, make_compute_metrics, scores_from_logits
+from .modeling import count_parameters, encoder_layers, freeze_all_but_top_layers, load_image_processor, load_model
+from .training import WeightedLossTrainer
+from .transforms import collate, make_transform
+
+logger = logging.getLogger("hf_medbeit")
+
+
+def setup_logging(training_args) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    logging.getLogger("hf_medbeit.data").setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def default_run_name(model_args, data_args) -> str:
+    model = model_args.model_type or Path(model_args.model_name_or_path.rstrip("/")).name
+    return f"{model}-{data_args.dataset_name}-{data_args.size}-{data_args.balancing}"
+
+
+def resolve_run_folder(model_args, data_args, training_args) -> str | None:
+    """Name the run folder and decide whether to resume; returns the checkpoint to resume from.
+
+    As in Hugging Face's example scripts: a folder with checkpoints resumes from the last one; a
+    folder holding a finished run or anything else is refused rather than overwritten.
+    """
+    training_args.run_name = training_args.run_name or default_run_name(model_args, data_args)
+    if not training_args.output_dir_given:
+        training_args.output_dir = os.path.join("runs", training_args.run_name)
+    output_dir = training_args.output_dir
+    if training_args.resume_from_checkpoint:
+        return training_args.resume_from_checkpoint
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        return None
+    if os.path.exists(os.path.join(output_dir, outputs.RESULTS_FILE)):
+        raise UserError(f"{output_dir} already holds a finished run ({outputs.RESULTS_FILE}); pass another --output_dir or delete it")
+    last_checkpoint = get_last_checkpoint(output_dir)
+    if last_checkpoint is None:
+        raise UserError(f"{output_dir} exists, is not empty and has no checkpoint to resume from; pass another --output_dir or empty it")
+    logger.info("Resuming from %s (delete %s to start over)", last_checkpoint, output_dir)
+    return last_checkpoint
+
+
+def main(argv: list[str] | None = None) -> dict:
+    started = time.time()
+    model_args, data_args, training_args = parse_args(argv)
+    setup_logging(training_args)
+    last_checkpoint = resolve_run_folder(model_args, data_args, training_args)
+    logger.info("Run %s -> %s", training_args.run_name, training_args.output_dir)
+
+    # 1. Data: MedMNIST .npz -> DatasetDict with the class names from medmnist.INFO.
+    raw, spec, data_md5 = load_medmnist(
+        data_args.dataset_name,
+        size=data_args.size,
+        data_dir=data_args.data_dir,
+        download=data_args.download,
+        verify_md5=not data_args.skip_md5_check,
+        cache_dir=data_args.dataset_cache_dir,
+    )
+    train_split, validation_split, test_split = raw["train"], raw["validation"], raw["test"]
+    if data_args.max_train_samples is not None:
+        train_split = train_split.select(range(min(data_args.max_train_samples, len(train_split))))
+    if data_args.max_eval_samples is not None:
+        validation_split = validation_split.select(range(min(data_args.max_eval_samples, len(validation_split))))
+
+    # 2. Balancing, on the training split only.
+    loss_weights = None
+    if data_args.balancing in ("undersample", "oversample"):
+        train_split = resample(train_split, spec, data_args.balancing, data_args.balance_ratio, training_args.seed)
+    elif data_args.balancing == "weighted_loss":
+        loss_weights = class_weights(label_array(train_split), spec)
+        logger.info("Class weights for the loss: %s", dict(zip(spec.label_names, np.round(loss_weights, 4).tolist())))
+
+    # 3. Model with the data set's labels, and its image processor.
+    transformers.set_seed(training_args.seed)
+    model = load_model(model_args, spec)
+    if model_args.trainable_top_layers is not None:
+        freeze_all_but_top_layers(model, model_args.trainable_top_layers)
+    if model_args.layer_decay is not None:
+        encoder_layers(model)  # fails early, with a clear message, for models without blocks
+    trainable_parameters, total_parameters = count_parameters(model)
+    logger.info("Trainable parameters: %s of %s", f"{trainable_parameters:,}", f"{total_parameters:,}")
+    image_processor = load_image_processor(model_args, model)
+
+    # 4. Transforms: grayscale -> RGB, resize and normalise with the processor, lazily per batch.
+    train_split.set_transform(make_transform(image_processor, augment=data_args.augment))
+    validation_split.set_transform(make_transform(image_processor))
+    test_split.set_transform(make_transform(image_processor))
+
+    # 5. Train; the best checkpoint by validation AUC is loaded at the end.
+    trainer = WeightedLossTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_split,
+        eval_dataset=validation_split,
+        processing_class=image_processor,
+        data_collator=collate,
+        compute_metrics=make_compute_metrics(spec.task, spec.label_names),
+        class_weights=loss_weights,
+        multi_label=spec.is_multi_label,
+        layer_decay=model_args.layer_decay,
+    )
+    train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    trainer.save_model()  # the best model, as safetensors, with the image processor and config
+    trainer.save_state()
+    trainer.log_metrics("train", train_result.metrics)
+
+    # 6. Validation metrics of the selected model, then the test split, evaluated once.
+    validation_metrics = trainer.evaluate(metric_key_prefix="eval")
+    trainer.log_metrics("eval", validation_metrics)
+    test_output = trainer.predict(test_split, metric_key_prefix="test")
+    trainer.log_metrics("test", test_output.metrics)
+
+    results = {
+        **train_result.metrics,
+        **validation_metrics,
+        **test_output.metrics,
+        "dataset": spec.flag,
+        "size": spec.size,
+        "task": spec.task,
+        "label_names": list(spec.label_names),
+        "data_md5": data_md5,
+        "best_model_checkpoint": trainer.state.best_model_checkpoint,
+        "trainable_parameters": trainable_parameters,
+        "total_parameters": total_parameters,
+        "train_examples": len(train_split),
+        "train_class_counts": np.bincount(label_array(train_split), minlength=spec.num_labels).tolist()
+        if not spec.is_multi_label
+        else label_array(train_split).sum(axis=0).tolist(),
+        "class_weights": None if loss_weights is None else loss_weights.tolist(),
+        "wall_time_seconds": round(time.time() - started, 1),
+    }
+    if trainer.is_world_process_zero():
+        write_run_outputs(training_args.output_dir, spec, test_output, results)
+    return results
+
+
+def write_run_outputs(output_dir: str, spec, test_output, results: dict) -> None:
+    """Predictions, confusion matrix and ROC plot, then ``all_results.json`` last: its presence
+    marks a complete run."""
+    y_true = np.asarray(test_output.label_ids).astype(int)
+    scores = scores_from_logits(test_output.predictions, spec.task)
+    low, high = auc_confidence_interval(y_true, scores, spec.task)
+    results["test_auc_ci95"] = [low, high]
+    matrix = confusion(y_true, scores, spec.task, spec.num_labels)
+    title = f"{spec.flag} ({spec.size}x{spec.size}) test"
+    folder = Path(output_dir)
+    outputs.write_predictions(folder / outputs.PREDICTIONS_FILE, y_true, scores, spec.label_names, spec.task)
+    outputs.write_json(folder / outputs.CONFUSION_FILE, {"label_names": list(spec.label_names), "matrix": matrix})
+    outputs.plot_confusion_matrix(folder / outputs.CONFUSION_PLOT, matrix, spec.label_names, title)
+    outputs.plot_roc_curves(folder / outputs.ROC_PLOT, y_true, scores, spec.label_names, spec.task, title)
+    outputs.write_json(folder / outputs.RESULTS_FILE, results)
+    logger.info("Test AUC %.4f (95%% CI %.4f-%.4f), ACC %.4f; run folder %s",
+                results["test_auc"], low, high, results["test_acc"], output_dir)
+
+
+if __name__ == "__main__":
+    from .cli import run_with_user_errors
+
+    run_with_user_errors(main)

@@ -1,0 +1,134 @@
+"""Training: ``TrainingArguments`` with the study's defaults and a ``Trainer`` with a class-weighted loss.
+
+The loss is written so that gradient accumulation and several processes give the same gradient as
+one big batch: the summed (weighted) per-example loss is divided by ``num_items_in_batch``, the
+number of labels in the whole accumulated, all-process batch that ``Trainer`` counts. With the
+balanced weights (which average to 1 over the training set) this is the weighted mean in
+expectation, and unlike PyTorch's weighted ``"mean"`` it does not change with how a batch is split.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+from transformers.utils import SAFE_WEIGHTS_NAME
+
+from .modeling import layer_decay_parameter_groups
+
+
+@dataclass
+class MedMNISTTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the study's defaults (design.md section 2): 5 epochs, lr 3e-4,
+    batch 32, seed 42, evaluation and saving every epoch, best checkpoint by validation AUC."""
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Run folder. Default: runs/<run_name>."}
+    )
+    num_train_epochs: float = field(default=5.0, metadata={"help": "Training epochs."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate (the study: 3e-4)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size per device."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per device."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate on the validation split."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (the best is always kept)."})
+    logging_strategy: str = field(default="steps", metadata={"help": "When to log the training loss."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best checkpoint after training."})
+    metric_for_best_model: str | None = field(default="auc", metadata={"help": "Validation metric that picks the best checkpoint."})
+    greater_is_better: bool | None = field(default=True, metadata={"help": "Whether a larger metric is better."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the image column for the lazy transform."})
+    seed: int = field(default=42, metadata={"help": "Random seed (the study: 42)."})
+
+    def __post_init__(self):
+        # Remember whether the user chose a folder; if not, the run name names it (see finetune.py).
+        self.output_dir_given = self.output_dir is not None
+        super().__post_init__()
+
+
+class WeightedLossTrainer(Trainer):
+    """``Trainer`` whose loss weights classes: cross-entropy with per-class weights for single-label
+    tasks, BCE-with-logits with per-finding ``pos_weight`` for multi-label ones.
+
+    ``class_weights=None`` gives the plain (unweighted) loss. ``layer_decay`` switches on BEiT's
+    layer-wise learning-rate decay through the optimizer's parameter groups.
+    """
+
+    def __init__(self, *args, class_weights=None, multi_label: bool = False, layer_decay: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.class_weights = None if class_weights is None else torch.as_tensor(np.asarray(class_weights), dtype=torch.float32)
+        self.multi_label = multi_label
+        self.layer_decay = layer_decay
+        # Makes Trainer count the labels of each accumulated batch (across processes) and pass that
+        # count as `num_items_in_batch`; it then does not divide our loss by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+        loss = self.weighted_loss(outputs.logits, labels, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def weighted_loss(self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        logits = logits.float()
+        weights = None if self.class_weights is None else self.class_weights.to(logits.device)
+        if self.multi_label:
+            per_item = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), pos_weight=weights, reduction="none")
+        else:
+            per_item = F.cross_entropy(logits, labels, weight=weights, reduction="none")
+        if num_items_in_batch is None:
+            return per_item.mean()
+        loss = per_item.sum() / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            # DDP averages gradients over processes, but the count already spans all of them.
+            loss = loss * self.accelerator.num_processes
+        return loss
+
+    def create_optimizer(self, model=None):
+        if self.layer_decay is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        groups = layer_decay_parameter_groups(
+            model,
+            set(self.get_decay_parameter_names(model)),
+            learning_rate=self.args.learning_rate,
+            weight_decay=self.args.weight_decay,
+            layer_decay=self.layer_decay,
+        )
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # --- Loading checkpoint weights -----------------------------------------------------------
+    # transformers 5.x renamed BEiT's and ViT's modules in memory (encoder.layer.N.attention... ->
+    # layers.N.attention.q_proj) but saves checkpoints under the Hub's original names. Trainer then
+    # reloads a checkpoint (best model at the end, or on resume) with a raw `load_state_dict(...,
+    # strict=False)`, which matches none of the renamed keys and only logs a warning: the "best"
+    # model would silently be the last one. Loading through `from_pretrained` applies the key
+    # conversion; `strict=True` makes any remaining mismatch an error instead of a warning.
+
+    def _single_file_checkpoint(self, checkpoint: str) -> bool:
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled) and os.path.isfile(
+            os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
+        )
+
+    def _load_weights_from_pretrained(self, checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(self.model if model is None else model)
+        reloaded = type(model).from_pretrained(checkpoint, dtype=model.dtype)
+        model.load_state_dict(reloaded.state_dict(), strict=True)
+
+    def _load_best_model(self) -> None:
+        checkpoint = self.state.best_model_checkpoint
+        if not self._single_file_checkpoint(checkpoint):
+            return super()._load_best_model()
+        self._load_weights_from_pretrained(checkpoint)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self._single_file_checkpoint(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_weights_from_pretrained(resume_from_checkpoint, model)
