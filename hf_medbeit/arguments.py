@@ -82,6 +82,10 @@ class DataArguments:
         metadata={"help": "Binary tasks: majority share after resampling (the study: 0.6 BreastMNIST, 0.5 PneumoniaMNIST). Default: equal classes."},
     )
     augment: bool = field(default=False, metadata={"help": "Random resized crop, flip and rotation on the training split."})
+    data_path: Literal["fast", "processor"] = field(
+        default="fast",
+        metadata={"help": "fast: uint8 batches resized and normalised on the training device; processor: the image processor per PIL image in the data loader."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training split (for quick runs)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation split (for quick runs)."})
 

@@ -28,7 +28,7 @@ from .errors import UserError
 from .metrics import auc_confidence_interval, confusion, make_compute_metrics, scores_from_logits
 from .modeling import count_parameters, encoder_layers, freeze_all_but_top_layers, load_image_processor, load_model
 from .training import WeightedLossTrainer
-from .transforms import collate, make_transform
+from .data_path import default_num_workers, prepare_splits
 
 logger = logging.getLogger("hf_medbeit")
 
@@ -117,23 +117,26 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("Trainable parameters: %s of %s", f"{trainable_parameters:,}", f"{total_parameters:,}")
     image_processor = load_image_processor(model_args, model)
 
-    # 4. Transforms: grayscale -> RGB, resize and normalise with the processor, lazily per batch.
-    train_split.set_transform(make_transform(image_processor, augment=data_args.augment))
-    validation_split.set_transform(make_transform(image_processor))
-    test_split.set_transform(make_transform(image_processor))
+    # 4. Data path: uint8 batches resized and normalised on the device (fast), or the processor
+    #    per PIL image in the loader; grayscale -> RGB either way. The processor is what is saved.
+    prepared = prepare_splits(
+        train_split, validation_split, test_split, image_processor, data_path=data_args.data_path, augment=data_args.augment
+    )
+    training_args.dataloader_num_workers = default_num_workers(prepared, training_args.dataloader_num_workers)
 
     # 5. Train; the best checkpoint by validation AUC is loaded at the end.
     trainer = WeightedLossTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_split,
-        eval_dataset=validation_split,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.validation,
         processing_class=image_processor,
-        data_collator=collate,
+        data_collator=prepared.collate_fn,
         compute_metrics=make_compute_metrics(spec.task, spec.label_names),
         class_weights=loss_weights,
         multi_label=spec.is_multi_label,
         layer_decay=model_args.layer_decay,
+        device_preprocessor=prepared.device_preprocessor,
     )
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
     trainer.save_model()  # the best model, as safetensors, with the image processor and config
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 6. Validation metrics of the selected model, then the test split, evaluated once.
     validation_metrics = trainer.evaluate(metric_key_prefix="eval")
     trainer.log_metrics("eval", validation_metrics)
-    test_output = trainer.predict(test_split, metric_key_prefix="test")
+    test_output = trainer.predict(prepared.test, metric_key_prefix="test")
     trainer.log_metrics("test", test_output.metrics)
 
     results = {

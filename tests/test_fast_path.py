@@ -1,0 +1,128 @@
+"""The fast data path: same tensors as the image processor, and training/prediction through it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import BeitImageProcessor, ConvNextImageProcessor, ViTImageProcessor
+
+from conftest import BREASTMNIST_MD5, TINY_BEIT
+from hf_medbeit.data import load_medmnist
+from hf_medbeit.data_path import prepare_splits
+from hf_medbeit.fast_path import DevicePreprocessor, UInt8ImageDataset, collate_uint8, processor_supported
+from hf_medbeit.training import MedMNISTTrainingArguments, WeightedLossTrainer
+from hf_medbeit.transforms import collate, make_transform
+
+# float32 rounding of (x * r - m) / s computed two ways; one uint8 step would be 1/127.5.
+TOLERANCE = 1e-5
+
+
+def processor_pixels(split, processor, indices):
+    reference = split.with_transform(make_transform(processor))
+    return collate([reference[i] for i in indices])["pixel_values"]
+
+
+def fast_pixels(split, processor, indices, **kwargs):
+    batch = collate_uint8(UInt8ImageDataset(split, **kwargs).__getitems__(indices))
+    assert batch["pixel_values"].dtype == torch.uint8
+    return DevicePreprocessor(processor)(batch["pixel_values"])
+
+
+@pytest.mark.parametrize(
+    "processor",
+    [BeitImageProcessor(), ViTImageProcessor(), BeitImageProcessor(size={"height": 64, "width": 48})],
+    ids=["beit-bicubic-224", "vit-bilinear-224", "beit-64x48"],
+)
+def test_official_breastmnist_matches_the_image_processor(breast_root, cache_dir, processor):
+    raw, _, md5 = load_medmnist("breastmnist", data_dir=breast_root, cache_dir=cache_dir)
+    assert md5 == BREASTMNIST_MD5
+    indices = [0, 5, 17, 300, 545]
+    expected = processor_pixels(raw["train"], processor, indices)
+    for in_memory in (True, False):
+        actual = fast_pixels(raw["train"], processor, indices, in_memory=in_memory)
+        assert actual.shape == expected.shape
+        torch.testing.assert_close(actual, expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("flag,size", [("bloodmnist", 28), ("pneumoniamnist", 64), ("dermamnist", 224)])
+def test_rgb_and_larger_images_match(synthetic_root, cache_dir, flag, size):
+    # 28 and 64 are upscaled; 224 -> 112 is a downscale, where antialiasing matters.
+    processor = BeitImageProcessor(size={"height": 112, "width": 112}) if size == 224 else BeitImageProcessor()
+    raw, _, _ = load_medmnist(flag, size=size, data_dir=synthetic_root(flag, size, counts=(6, 2, 2)),
+                              verify_md5=False, cache_dir=cache_dir)
+    indices = [4, 0, 2]
+    torch.testing.assert_close(
+        fast_pixels(raw["train"], processor, indices), processor_pixels(raw["train"], processor, indices),
+        atol=TOLERANCE, rtol=0,
+    )
+
+
+def test_single_examples_and_lazy_decoding_agree(breast_root, cache_dir):
+    raw, _, _ = load_medmnist("breastmnist", data_dir=breast_root, cache_dir=cache_dir)
+    eager, lazy = UInt8ImageDataset(raw["test"], in_memory=True), UInt8ImageDataset(raw["test"], in_memory=False)
+    assert eager.in_memory and not lazy.in_memory and len(eager) == len(lazy) == 156
+    one_by_one = collate_uint8([eager[i] for i in (3, 1, 4)])
+    batch = lazy.__getitems__([3, 1, 4])
+    assert torch.equal(one_by_one["pixel_values"], batch["pixel_values"])
+    assert torch.equal(one_by_one["labels"], batch["labels"])
+    assert batch["pixel_values"].shape == (3, 1, 28, 28) and batch["labels"].dtype == torch.long
+
+
+def test_unsupported_processor_falls_back_to_the_processor_path(breast_root, cache_dir):
+    raw, _, _ = load_medmnist("breastmnist", data_dir=breast_root, cache_dir=cache_dir)
+    convnext = ConvNextImageProcessor()  # resizes by crop_pct: not replicated
+    assert processor_supported(convnext) is not None and processor_supported(BeitImageProcessor()) is None
+    prepared = prepare_splits(raw["train"], raw["validation"], raw["test"], convnext, data_path="fast")
+    assert prepared.path == "processor" and prepared.device_preprocessor is None
+    prepared = prepare_splits(raw["train"], raw["validation"], raw["test"], BeitImageProcessor(), augment=True)
+    assert prepared.path == "processor"
+
+
+def test_multi_label_batches_train_with_bce(synthetic_root, cache_dir, tmp_path):
+    from transformers import BeitConfig, BeitForImageClassification
+
+    raw, spec, _ = load_medmnist("chestmnist", data_dir=synthetic_root("chestmnist", counts=(12, 4, 4)),
+                                 verify_md5=False, cache_dir=cache_dir)
+    processor = BeitImageProcessor(size={"height": 28, "width": 28})
+    prepared = prepare_splits(raw["train"], raw["validation"], raw["test"], processor)
+    batch = prepared.collate_fn(prepared.train.__getitems__([0, 1, 2]))
+    assert batch["labels"].shape == (3, spec.num_labels) and batch["labels"].dtype == torch.float32
+    assert torch.equal(batch["labels"], torch.tensor(np.array(raw["train"]["label"][:3]), dtype=torch.float32))
+    config = BeitConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        image_size=28, patch_size=7, num_labels=spec.num_labels, problem_type="multi_label_classification")
+    args = MedMNISTTrainingArguments(
+        output_dir=str(tmp_path / "out"), report_to="none", save_strategy="no", eval_strategy="no",
+        load_best_model_at_end=False, disable_tqdm=True, use_cpu=True, max_steps=2, per_device_train_batch_size=4,
+    )
+    assert not args.bf16 and not args.fp16  # GPU defaults leave CPU runs in fp32
+    trainer = WeightedLossTrainer(
+        model=BeitForImageClassification(config), args=args, train_dataset=prepared.train, data_collator=prepared.collate_fn,
+        multi_label=True, device_preprocessor=prepared.device_preprocessor,
+    )
+    assert np.isfinite(trainer.train().training_loss)
+    output = trainer.predict(prepared.test)
+    assert output.predictions.shape == (4, spec.num_labels) and output.label_ids.shape == (4, spec.num_labels)
+
+
+@pytest.mark.e2e
+def test_train_command_uses_the_fast_path_and_saves_a_plain_model(breast_root, cache_dir, tmp_path):
+    from transformers import pipeline
+    from PIL import Image
+
+    from hf_medbeit.finetune import main
+
+    out = tmp_path / "run"
+    results = main([
+        "--dataset_name", "breastmnist", "--data_dir", str(breast_root), "--dataset_cache_dir", str(cache_dir),
+        "--model_type", "beit", "--config_overrides", TINY_BEIT, "--output_dir", str(out),
+        "--num_train_epochs", "1", "--per_device_train_batch_size", "64", "--report_to", "none",
+        "--use_cpu", "--disable_tqdm", "True", "--max_train_samples", "128",
+    ])
+    assert 0.0 <= results["test_auc"] <= 1.0
+    assert json.loads((out / "preprocessor_config.json").read_text())["image_processor_type"] == "BeitImageProcessor"
+    classifier = pipeline("image-classification", model=str(out), device="cpu")
+    image = Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).convert("RGB")
+    assert {row["label"] for row in classifier(image)} == {"malignant", "normal, benign"}
