@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -23,8 +24,10 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from . import outputs
 from .arguments import parse_args
+from .cards import write_card
 from .data import class_weights, label_array, load_medmnist, resample
 from .errors import UserError
+from .hub import push_run, take_push_settings
 from .metrics import auc_confidence_interval, confusion, make_compute_metrics, scores_from_logits
 from .modeling import count_parameters, encoder_layers, freeze_all_but_top_layers, load_image_processor, load_model
 from .training import WeightedLossTrainer
@@ -79,6 +82,9 @@ def resolve_run_folder(model_args, data_args, training_args) -> str | None:
 def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     model_args, data_args, training_args = parse_args(argv)
+    # Trainer's own Hub pushing is switched off and the token taken out of the arguments (which
+    # Trainer pickles into training_args.bin); the finished run is pushed at the end instead.
+    hub_push = take_push_settings(training_args)
     setup_logging(training_args)
     last_checkpoint = resolve_run_folder(model_args, data_args, training_args)
     logger.info("Run %s -> %s", training_args.run_name, training_args.output_dir)
@@ -167,10 +173,89 @@ def main(argv: list[str] | None = None) -> dict:
         else label_array(train_split).sum(axis=0).tolist(),
         "class_weights": None if loss_weights is None else loss_weights.tolist(),
         "wall_time_seconds": round(time.time() - started, 1),
+        # Provenance for the model card.
+        **run_provenance(model_args, data_args, training_args, model),
     }
     if trainer.is_world_process_zero():
         write_run_outputs(training_args.output_dir, spec, test_output, results)
+        write_card(training_args.output_dir, repo_id=hub_push.repo_id if hub_push else None)
+        if hub_push is not None:
+            try:
+                push_run(training_args.output_dir, hub_push.repo_id, private=hub_push.private,
+                         revision=hub_push.revision, token=hub_push.token)
+            except UserError as error:
+                raise UserError(
+                    f"training finished and {training_args.output_dir} is complete, but {error}; "
+                    f"retry with: hf-medbeit push {training_args.output_dir} --repo-id {hub_push.repo_id}"
+                ) from error
     return results
+
+
+# Training arguments recorded in all_results.json (and shown in the model card).
+HYPERPARAMETERS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+    "gradient_accumulation_steps", "optim", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "max_grad_norm", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "label_smoothing_factor", "seed",
+    "data_seed", "bf16", "fp16", "tf32", "eval_strategy", "save_strategy", "metric_for_best_model",
+    "load_best_model_at_end",
+)
+
+
+def describe_hardware(training_args) -> str:
+    import torch
+
+    device = training_args.device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        name = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    else:
+        name = device.type.upper()
+    return f"{training_args.world_size} x {name}"
+
+
+def run_provenance(model_args, data_args, training_args, model) -> dict:
+    """What the model card needs to say how the model was made (never the Hub token)."""
+    import huggingface_hub
+    import torch
+
+    from_scratch = bool(model_args.model_type)
+    checkpoint = model_args.model_name_or_path
+    hyperparameters = {}
+    for name in HYPERPARAMETERS:
+        value = getattr(training_args, name, None)
+        if hasattr(value, "value"):  # enums (optimizer, scheduler, strategies)
+            value = value.value
+        if value is not None:
+            hyperparameters[name] = value
+    hyperparameters["world_size"] = training_args.world_size
+    hyperparameters["total_train_batch_size"] = (
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+    )
+    return {
+        "model_type": model.config.model_type,
+        "trained_from_scratch": from_scratch,
+        "config_overrides": model_args.config_overrides if from_scratch else None,
+        "model_name_or_path": None if from_scratch else checkpoint,
+        # A Hub id is a base model the Hub can link to; a local folder is not.
+        "base_model": None if from_scratch or os.path.isdir(checkpoint) else checkpoint,
+        "model_revision": None if from_scratch else model_args.model_revision,
+        "trainable_top_layers": model_args.trainable_top_layers,
+        "layer_decay": model_args.layer_decay,
+        "balancing": data_args.balancing,
+        "balance_ratio": data_args.balance_ratio,
+        "augment": data_args.augment,
+        "max_train_samples": data_args.max_train_samples,
+        "max_eval_samples": data_args.max_eval_samples,
+        "hyperparameters": hyperparameters,
+        "hardware": describe_hardware(training_args),
+        "framework_versions": {
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "datasets": datasets.__version__,
+            "huggingface_hub": huggingface_hub.__version__,
+        },
+    }
 
 
 def write_run_outputs(output_dir: str, spec, test_output, results: dict) -> None:
