@@ -14,6 +14,8 @@ USAGE = """usage: hf-medbeit COMMAND [ARGS]
 
 commands:
   train    fine-tune a model on a MedMNIST data set (hf-medbeit train --help)
+  predict  classify image files with a run folder or a Hub model (hf-medbeit predict --help)
+  push     push a finished run folder to the Hugging Face Hub (hf-medbeit push --help)
 """
 
 
@@ -31,7 +33,35 @@ def _train(argv: list[str]) -> None:
     main(argv)
 
 
-COMMANDS = {"train": _train}
+def _predict(argv: list[str]) -> None:
+    from .predict import main
+
+    main(argv)
+
+
+def _push(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="hf-medbeit push",
+        description="Push a finished run folder (model, processor, results, plots, model card) to the Hub in one "
+        "commit; checkpoints, optimizer states and training_args.bin stay local. The token comes from HF_TOKEN "
+        "or `hf auth login`.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="A finished run folder (with all_results.json).")
+    parser.add_argument("--repo-id", "--repo_id", dest="repo_id", required=True, help="USER/NAME or ORG/NAME.")
+    parser.add_argument("--private", action="store_true", default=None, help="Create the repository as private.")
+    parser.add_argument("--revision", default=None, help="Branch to push to (created from main if missing).")
+    parser.add_argument("--commit-message", "--commit_message", dest="commit_message", default=None)
+    args = parser.parse_args(argv)
+
+    from .hub import push_run
+
+    url = push_run(args.run_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message)
+    print(f"hf-medbeit: pushed {args.run_dir} to {args.repo_id}: {url}")
+
+
+COMMANDS = {"train": _train, "predict": _predict, "push": _push}
 
 
 def main(argv: list[str] | None = None) -> None:
