@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU throughput runs, in one go (under 6 minutes on an H100/H200), from the repo root:
+#
+#     bash benchmarks/gpu_run.sh
+#
+# On the project's GPU machine (no network) the missing packages travel as wheels in .whl/
+# (see benchmarks/README.md); they are installed to /tmp/site. Results: JSON and logs in $OUT
+# (default benchmarks/results/). Each run has a time limit, so one that hangs cannot eat the
+# others' time. Rehearsal on a CPU machine: BENCH_TINY=1 SKIP_WHEELS=1 PYTHON=.venv/bin/python.
+set -uo pipefail
+
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-benchmarks/results}
+BUDGET_S=${BUDGET_S:-330}  # everything after the install, compile run included
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+if [[ -z "${SKIP_WHEELS:-}" && -d .whl ]]; then
+    echo "== installing $(ls .whl/*.whl | wc -l) wheels from .whl/ into /tmp/site"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
+"$PYTHON" - <<'EOF' || exit 1
+import torch, torchvision, transformers, datasets, medmnist, numpy, pyarrow
+import hf_medbeit.fast_path, hf_medbeit.training
+print("python", __import__("platform").python_version(), "torch", torch.__version__, "torchvision", torchvision.__version__,
+      "transformers", transformers.__version__, "datasets", datasets.__version__, "numpy", numpy.__version__,
+      "pyarrow", pyarrow.__version__, "cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))
+EOF
+
+if [[ -n "${BENCH_TINY:-}" ]]; then  # CPU rehearsal: same commands, tiny model, few steps
+    BASE=tiny; LARGE=tiny; STEPS="--steps 2 --warmup 1 --data_batches 2 --inference_images 256 --pipeline_images 8 --device cpu"
+else
+    BASE=base; LARGE=large; STEPS="--steps 40 --warmup 10 --data_batches 30 --inference_images 4096 --pipeline_images 128"
+fi
+
+run() {  # run NAME SECONDS ARGS...: one throughput.py process with a time limit and a log
+    local name=$1 limit=$2; shift 2
+    local left=$((BUDGET_S - SECONDS))
+    (( limit > left )) && limit=$left
+    if (( limit < 30 )); then echo "== $name: skipped, ${left}s of the budget left"; return; fi
+    echo "== $name (limit ${limit}s, ${SECONDS}s elapsed)"
+    timeout --kill-after=10 "$limit" "$PYTHON" benchmarks/throughput.py "$@" --out "$OUT/$name.json" 2>&1 \
+        | grep --line-buffered -v "examples/s\]" | tee "$OUT/$name.log"
+    echo "== $name: exit ${PIPESTATUS[0]} after ${SECONDS}s"
+}
+
+SECONDS=0
+# BEiT-base, all layers trained; BEiT-large, the study's top 5 layers. 28x28 -> 224, bf16.
+run throughput_base 130 --model $BASE --batch_size 32 128 $STEPS
+run throughput_large 140 --model $LARGE --batch_size 32 128 $STEPS
+# torch.compile on our path, BEiT-base at batch 128, last because compiling is slow.
+run throughput_base_compile 100 --model $BASE --batch_size 128 --compile --skip study model ours data inference $STEPS
+
+echo "== done in ${SECONDS}s; results:"
+ls -l "$OUT"

@@ -1,0 +1,356 @@
+"""Training and inference throughput: the study's data path vs ours vs the model alone.
+
+    python benchmarks/throughput.py                                  # CPU, tiny BEiT at 224
+    python benchmarks/throughput.py --model base --batch_size 32 128 --device cuda
+    python benchmarks/throughput.py --model large --batch_size 32 128 --out large.json
+
+In one process, on one synthetic PneumoniaMNIST-format set (28x28 gray, upscaled to 224):
+
+(a) study    the study's path: the image processor on PIL images in the data loader
+             (``Dataset.set_transform``), fp32, batch ``--study_batch_size`` (design.md section 6)
+(b) ours     ``hf-medbeit train``'s path: WeightedLossTrainer + fast path + GPU defaults
+(c) model    the model alone: synthetic tensors already on the device, same batch and precision
+
+All three are images/s over ``--steps`` steps after ``--warmup`` untimed ones, timed between
+steps with the device synchronised. Also: the data path alone (model-ready batches/s, ours vs the
+processor path) and inference (our batched ``Trainer.predict`` vs a per-image ``pipeline`` loop).
+Prints a table and writes JSON. Random weights: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import BeitConfig, BeitForImageClassification, BeitImageProcessor, Trainer, TrainerCallback, TrainingArguments
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from hf_medbeit.data import load_medmnist  # noqa: E402
+from hf_medbeit.data_path import default_num_workers, prepare_splits  # noqa: E402
+from hf_medbeit.fast_path import UInt8ImageDataset  # noqa: E402
+from hf_medbeit.modeling import count_parameters, freeze_all_but_top_layers  # noqa: E402
+from hf_medbeit.training import MedMNISTTrainingArguments, WeightedLossTrainer  # noqa: E402
+from hf_medbeit.transforms import collate, make_transform  # noqa: E402
+
+# BEiT shapes. base: microsoft/beit-base-patch16-224-pt22k-ft22k; large: the study's
+# microsoft/beit-large-patch16-224-pt22k (shared relative position bias), top 5 blocks trained.
+MODELS = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                 use_relative_position_bias=True),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 use_relative_position_bias=True, layer_scale_init_value=0.1),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                  use_shared_relative_position_bias=True, layer_scale_init_value=0.1),
+}
+DEFAULT_TOP_LAYERS = {"tiny": None, "base": None, "large": 5}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def build_model(name: str, top_layers: int | None, image_size: int) -> BeitForImageClassification:
+    config = BeitConfig(image_size=image_size, patch_size=16, num_labels=2, **MODELS[name])
+    model = BeitForImageClassification(config)
+    if top_layers is not None:
+        freeze_all_but_top_layers(model, top_layers)
+    return model
+
+
+def synthetic_medmnist(workdir: Path, images: int, seed: int = 0):
+    """A PneumoniaMNIST-format file (28x28 gray, binary) -> DatasetDict, through data.load_medmnist."""
+    rng = np.random.default_rng(seed)
+    root = workdir / "medmnist"
+    root.mkdir(parents=True, exist_ok=True)
+    counts = {"train": images, "val": max(64, images // 10), "test": max(256, images // 4)}
+    arrays = {}
+    for prefix, count in counts.items():
+        arrays[f"{prefix}_images"] = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+        arrays[f"{prefix}_labels"] = rng.integers(0, 2, size=(count, 1), dtype=np.uint8)
+    np.savez(root / "pneumoniamnist.npz", **arrays)
+    raw, _, _ = load_medmnist("pneumoniamnist", data_dir=root, verify_md5=False, cache_dir=workdir / "cache")
+    return raw
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of training steps warmup+1 .. warmup+steps, the device synchronised at both ends."""
+
+    def __init__(self, warmup: int, steps: int, device: torch.device):
+        self.warmup, self.steps, self.device = warmup, steps, device
+        self.started = self.seconds = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup:
+            synchronize(self.device)
+            self.started = time.perf_counter()
+        elif state.global_step == self.warmup + self.steps:
+            synchronize(self.device)
+            self.seconds = time.perf_counter() - self.started
+
+
+def common_args(workdir: Path, device: torch.device, batch_size: int, max_steps: int) -> dict:
+    return dict(
+        output_dir=str(workdir / "trainer"), report_to="none", save_strategy="no", eval_strategy="no",
+        disable_tqdm=True, per_device_train_batch_size=batch_size, max_steps=max_steps,
+        use_cpu=device.type == "cpu", seed=42,
+    )
+
+
+def images_per_second(timer: StepTimer, batch_size: int) -> float:
+    return timer.steps * batch_size / timer.seconds
+
+
+def train_study_path(model, raw, processor, batch_size, warmup, steps, device, workdir) -> float:
+    """(a): plain Trainer, fp32, processor per PIL image in the loader, the HF example's way."""
+    train = raw["train"].with_transform(make_transform(processor))
+    # tf32=False: fp32 as the study ran it (transformers' own TF32 default would change it).
+    tf32 = False if device.type == "cuda" and torch.cuda.get_device_capability()[0] >= 8 else None
+    args = TrainingArguments(**common_args(workdir, device, batch_size, warmup + steps), remove_unused_columns=False,
+                             optim="adamw_torch", tf32=tf32, logging_steps=10)
+    timer = StepTimer(warmup, steps, device)
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[timer])
+    trainer.train()
+    del trainer
+    free_memory()
+    return images_per_second(timer, batch_size)
+
+
+def train_our_path(model, raw, processor, batch_size, warmup, steps, device, workdir, precision, compile_model=False) -> float:
+    """(b): what ``hf-medbeit train`` runs: fast path, WeightedLossTrainer, GPU defaults."""
+    prepared = prepare_splits(raw["train"], raw["validation"], raw["test"], processor)
+    args = MedMNISTTrainingArguments(
+        **common_args(workdir, device, batch_size, warmup + steps), load_best_model_at_end=False,
+        bf16=precision == "bf16", fp16=precision == "fp16", torch_compile=compile_model,
+    )
+    args.dataloader_num_workers = default_num_workers(prepared, args.dataloader_num_workers)
+    timer = StepTimer(warmup, steps, device)
+    trainer = WeightedLossTrainer(
+        model=model, args=args, train_dataset=prepared.train, data_collator=prepared.collate_fn,
+        processing_class=processor, device_preprocessor=prepared.device_preprocessor, callbacks=[timer],
+    )
+    trainer.train()
+    del trainer
+    free_memory()
+    return images_per_second(timer, batch_size)
+
+
+def train_model_only(model, batch_size, warmup, steps, device, precision) -> float:
+    """(c): forward + backward + fused AdamW step on tensors already on the device."""
+    model.to(device).train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=3e-4, weight_decay=0.01, fused=device.type == "cuda")
+    pixel_values = torch.randn(batch_size, 3, model.config.image_size, model.config.image_size, device=device)
+    labels = torch.randint(0, 2, (batch_size,), device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    for step in range(warmup + steps):
+        if step == warmup:
+            synchronize(device)
+            started = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model(pixel_values=pixel_values, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    del optimizer, pixel_values, labels
+    free_memory()
+    return steps * batch_size / seconds
+
+
+def data_path_only(raw, processor, batch_size, batches, device) -> dict:
+    """Model-ready (B, 3, 224, 224) float batches per second on ``device``: ours vs the processor."""
+
+    def rate(loader, finish):
+        iterator = iter(loader)
+        for _ in range(2):  # warm-up: first batches pay for lazy setup
+            finish(next(iterator))
+        synchronize(device)
+        started, count = time.perf_counter(), 0
+        for _ in range(batches):
+            count += len(finish(next(iterator)))
+        synchronize(device)
+        return count / (time.perf_counter() - started)
+
+    prepared = prepare_splits(raw["train"], raw["validation"], raw["test"], processor)
+    pin = device.type == "cuda"
+    ours = torch.utils.data.DataLoader(prepared.train, batch_size=batch_size, shuffle=True, collate_fn=prepared.collate_fn, pin_memory=pin)
+    ours_rate = rate(ours, lambda b: prepared.device_preprocessor(b["pixel_values"].to(device, non_blocking=True)))
+    study = torch.utils.data.DataLoader(raw["train"].with_transform(make_transform(processor)), batch_size=batch_size,
+                                        shuffle=True, collate_fn=collate, pin_memory=pin)
+    study_rate = rate(study, lambda b: b["pixel_values"].to(device, non_blocking=True))
+    return {"batch_size": batch_size, "ours_images_per_s": ours_rate, "processor_images_per_s": study_rate,
+            "speedup": ours_rate / study_rate}
+
+
+def inference(model, raw, processor, device, precision, workdir, images: int, pipeline_images: int) -> dict:
+    """Our ``Trainer.predict`` (fast path, eval batch 256, GPU defaults) vs ``pipeline`` per image."""
+    test = raw["test"].select(range(min(images, len(raw["test"]))))
+    prepared = prepare_splits(raw["train"], raw["validation"], test, processor)
+    args = MedMNISTTrainingArguments(**common_args(workdir, device, 32, 1), load_best_model_at_end=False,
+                                     bf16=precision == "bf16", fp16=precision == "fp16")
+    trainer = WeightedLossTrainer(model=model, args=args, data_collator=prepared.collate_fn, processing_class=processor,
+                                  device_preprocessor=prepared.device_preprocessor)
+    trainer.predict(UInt8ImageDataset(test.select(range(min(512, len(test))))))  # warm-up
+    synchronize(device)
+    started = time.perf_counter()
+    trainer.predict(prepared.test)
+    synchronize(device)
+    ours = len(test) / (time.perf_counter() - started)
+    del trainer
+    free_memory()
+
+    model.eval()
+    classify = transformers.pipeline("image-classification", model=model, image_processor=processor, device=device)
+    pil_images = [image.convert("RGB") for image in raw["test"].select(range(pipeline_images))["image"]]
+    for image in pil_images[:8]:
+        classify(image)
+    synchronize(device)
+    started = time.perf_counter()
+    for image in pil_images:
+        classify(image)
+    synchronize(device)
+    plain = len(pil_images) / (time.perf_counter() - started)
+    return {"ours_images_per_s": ours, "pipeline_images_per_s": plain, "speedup": ours / plain,
+            "ours_images": len(test), "pipeline_images": len(pil_images),
+            "ours_eval_batch_size": args.per_device_eval_batch_size, "ours_precision": precision, "pipeline_precision": "fp32"}
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    parser.add_argument("--trainable_top_layers", type=int, default=-1, help="Default: 5 for large, all for the others.")
+    parser.add_argument("--batch_size", type=int, nargs="+", default=[32], help="Batch sizes for (b) and (c).")
+    parser.add_argument("--study_batch_size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20, help="Timed steps per measurement.")
+    parser.add_argument("--warmup", type=int, default=5, help="Untimed steps before them.")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N].")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                        help="For (b) and (c). auto: bf16 (fp16 without bf16) on CUDA, fp32 on CPU, as hf-medbeit train does.")
+    parser.add_argument("--compile", action="store_true", help="Also time (b) with --torch_compile at the largest batch size.")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["study", "ours", "model", "data", "inference"])
+    parser.add_argument("--data_batches", type=int, default=20, help="Batches timed for the data-path-only measurement.")
+    parser.add_argument("--inference_images", type=int, default=2048)
+    parser.add_argument("--pipeline_images", type=int, default=128)
+    parser.add_argument("--out", default=None, help="Write the JSON report here.")
+    return parser.parse_args()
+
+
+def main() -> dict:
+    args = parse()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    precision = args.precision
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    top_layers = DEFAULT_TOP_LAYERS[args.model] if args.trainable_top_layers < 0 else args.trainable_top_layers
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    report = {
+        "date": datetime.date.today().isoformat(), "device": str(device), "device_name": device_name,
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "model": args.model, "trainable_top_layers": top_layers, "precision": precision,
+        "steps": args.steps, "warmup": args.warmup, "command": " ".join(sys.argv),
+    }
+    log(f"device {device} ({device_name}), model {args.model}, precision {precision}")
+    transformers.set_seed(0)
+    with tempfile.TemporaryDirectory(prefix="hf_medbeit_bench_") as tmp:
+        workdir = Path(tmp)
+        needed = (args.warmup + args.steps) * max(args.batch_size + [args.study_batch_size])
+        raw = synthetic_medmnist(workdir, images=min(max(needed, 1024), 20000))
+        model = build_model(args.model, top_layers, image_size=224)
+        trainable, total = count_parameters(model)
+        report.update(trainable_parameters=trainable, total_parameters=total)
+        processor = BeitImageProcessor(size={"height": 224, "width": 224})
+        log(f"data: {len(raw['train'])} train images 28x28; model: {trainable:,} of {total:,} parameters trained")
+
+        if "study" not in args.skip:
+            log(f"(a) study path, fp32, batch {args.study_batch_size} ...")
+            report["study_images_per_s"] = train_study_path(model, raw, processor, args.study_batch_size, args.warmup,
+                                                            args.steps, device, workdir)
+            report["study_batch_size"] = args.study_batch_size
+            log(f"    {report['study_images_per_s']:.1f} images/s")
+        rows = []
+        for batch_size in args.batch_size:
+            row = {"batch_size": batch_size}
+            if "model" not in args.skip:
+                log(f"(c) model only, {precision}, batch {batch_size} ...")
+                row["model_only_images_per_s"] = train_model_only(model, batch_size, args.warmup, args.steps, device, precision)
+                log(f"    {row['model_only_images_per_s']:.1f} images/s")
+            if "ours" not in args.skip:
+                log(f"(b) our Trainer + fast path, {precision}, batch {batch_size} ...")
+                row["ours_images_per_s"] = train_our_path(model, raw, processor, batch_size, args.warmup, args.steps,
+                                                          device, workdir, precision)
+                log(f"    {row['ours_images_per_s']:.1f} images/s")
+            if "ours_images_per_s" in row and "study_images_per_s" in report:
+                row["ours_over_study"] = row["ours_images_per_s"] / report["study_images_per_s"]
+            if "ours_images_per_s" in row and "model_only_images_per_s" in row:
+                row["ours_over_model_only"] = row["ours_images_per_s"] / row["model_only_images_per_s"]
+            rows.append(row)
+        report["training"] = rows
+        if args.compile:
+            batch_size = max(args.batch_size)
+            log(f"(b) with torch_compile, batch {batch_size} (compiling takes a while) ...")
+            rate = train_our_path(model, raw, processor, batch_size, max(args.warmup, 3), args.steps, device, workdir,
+                                  precision, compile_model=True)
+            report["compiled"] = {"batch_size": batch_size, "ours_images_per_s": rate}
+            log(f"    {rate:.1f} images/s")
+        if "data" not in args.skip:
+            log("data path alone (28 -> 224, model-ready batches) ...")
+            report["data_path"] = data_path_only(raw, processor, max(args.batch_size), args.data_batches, device)
+            log(f"    ours {report['data_path']['ours_images_per_s']:.0f} vs processor "
+                f"{report['data_path']['processor_images_per_s']:.0f} images/s")
+        if "inference" not in args.skip:
+            log("inference: Trainer.predict (fast path) vs pipeline per image ...")
+            report["inference"] = inference(model, raw, processor, device, precision, workdir,
+                                            args.inference_images, args.pipeline_images)
+            log(f"    ours {report['inference']['ours_images_per_s']:.0f} vs pipeline "
+                f"{report['inference']['pipeline_images_per_s']:.0f} images/s")
+    print_table(report)
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['model']} BEiT on {report['device_name']} ({report['device']}), {report['precision']}; "
+          f"study path: {report.get('study_images_per_s', float('nan')):.1f} images/s (fp32, batch {report.get('study_batch_size', '-')})")
+    print("| batch | (b) ours img/s | (c) model only img/s | b/a | b/c |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in report.get("training", []):
+        cells = [row.get(key) for key in ("ours_images_per_s", "model_only_images_per_s", "ours_over_study", "ours_over_model_only")]
+        text = [f"{c:.1f}" if c is not None and i < 2 else (f"{c:.2f}" if c is not None else "-") for i, c in enumerate(cells)]
+        print(f"| {row['batch_size']} | " + " | ".join(text) + " |")
+    for key in ("data_path", "inference"):
+        if key in report:
+            r = report[key]
+            other = "processor" if key == "data_path" else "pipeline"
+            print(f"{key}: ours {r['ours_images_per_s']:.0f} img/s vs {other} {r[f'{other}_images_per_s']:.0f} img/s = {r['speedup']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
