@@ -43,8 +43,9 @@ def setup_logging(training_args) -> None:
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    logging.getLogger("hf_medbeit.data").setLevel(log_level)
+    # Our own progress lines (data, balancing, results) on the main process even at transformers'
+    # default "passive" level; replicas follow --log_level_replica.
+    logging.getLogger("hf_medbeit").setLevel(logging.INFO if training_args.should_log else log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()

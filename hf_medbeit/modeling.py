@@ -98,20 +98,29 @@ def load_image_processor(model_args, model: PreTrainedModel):
 # ---------------------------------------------------------------------------------------------
 
 
+def _block_stack(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:
+    """(path under base_model, blocks): ``layers`` in transformers 5.x BEiT/ViT/DeiT,
+    ``encoder.layer`` in older releases and other encoders."""
+    for path in ("layers", "encoder.layer"):
+        module = model.base_model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, torch.nn.ModuleList):
+            return path, module
+    raise UserError(
+        f"{type(model).__name__} has no stack of transformer blocks, so --trainable_top_layers and "
+        "--layer_decay do not apply to it; drop them, or use BEiT, ViT or DeiT"
+    )
+
+
 def encoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
-    """The stack of transformer blocks: ``base_model.encoder.layer`` in BEiT, ViT, DeiT, Data2Vec..."""
-    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise UserError(
-            f"{type(model).__name__} has no stack of transformer blocks (base_model.encoder.layer), so "
-            "--trainable_top_layers and --layer_decay do not apply to it; drop them, or use BEiT, ViT or DeiT"
-        )
-    return layers
+    """The stack of transformer blocks of a BEiT, ViT, DeiT, Data2Vec-vision... model."""
+    return _block_stack(model)[1]
 
 
 def freeze_all_but_top_layers(model: PreTrainedModel, top_layers: int) -> None:
     """Train only the top ``top_layers`` blocks and what follows them (final norm, pooler, head)."""
-    layers = encoder_layers(model)
+    stack_path, layers = _block_stack(model)
     if not 0 <= top_layers <= len(layers):
         raise UserError(
             f"--trainable_top_layers {top_layers} is out of range: {type(model).__name__} has {len(layers)} "
@@ -121,8 +130,9 @@ def freeze_all_but_top_layers(model: PreTrainedModel, top_layers: int) -> None:
     for layer in layers[len(layers) - top_layers:]:
         layer.requires_grad_(True)
     base = model.base_model
+    stack_owner = stack_path.split(".")[0]
     for name, module in base.named_children():
-        if name not in ("embeddings", "encoder"):
+        if name not in ("embeddings", stack_owner):
             module.requires_grad_(True)  # final layernorm and pooler come after the blocks
     base_ids = {id(parameter) for parameter in base.parameters()}
     for parameter in model.parameters():
@@ -136,13 +146,13 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def layer_id(parameter_name: str, base_prefix: str, num_layers: int) -> int:
+def layer_id(parameter_name: str, base_prefix: str, stack_path: str, num_layers: int) -> int:
     """BEiT's layer numbering for decay: embeddings 0, block i -> i + 1, all that follows -> L + 1."""
     name = parameter_name.removeprefix(f"{base_prefix}.")
     if name.startswith("embeddings."):
         return 0
-    if name.startswith("encoder.layer."):
-        return int(name.split(".")[2]) + 1
+    if name.startswith(f"{stack_path}."):
+        return int(name[len(stack_path) + 1:].split(".")[0]) + 1
     return num_layers + 1
 
 
@@ -158,12 +168,13 @@ def layer_decay_parameter_groups(
     ``decay_names`` are the parameters the Trainer would apply weight decay to
     (``Trainer.get_decay_parameter_names``).
     """
-    num_layers = len(encoder_layers(model))
+    stack_path, layers = _block_stack(model)
+    num_layers = len(layers)
     groups: dict[tuple[int, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        layer = layer_id(name, model.base_model_prefix, num_layers)
+        layer = layer_id(name, model.base_model_prefix, stack_path, num_layers)
         decays = name in decay_names and not any(marker in name for marker in _NO_DECAY_MARKERS)
         group = groups.setdefault(
             (layer, decays),
