@@ -144,3 +144,16 @@ def test_write_card_is_atomic_and_repeatable(run_dir, tmp_path):
     cards.write_card(run)
     assert (run / cards.CARD_FILE).read_text() == first
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_committed_example_card_parses_with_model_index():
+    example = cards.MODEL_CARDS_DIR / "examples" / "breastmnist-tiny-beit"
+    assert sorted(p.name for p in example.iterdir()) == ["README.md", "confusion_matrix.png", "roc_curve.png"]
+    card = ModelCard.load(example / "README.md")
+    assert card.data.license == "cc-by-4.0" and card.data.base_model is None
+    metrics = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert set(metrics) == {"roc_auc", "accuracy"} and all(0 <= value <= 1 for value in metrics.values())
+    assert f"Test AUC {metrics['roc_auc']:.3f}" in card.content
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card.content):
+        assert (example / image).exists()
+    assert "random initialisation" in card.content  # says honestly what it is
