@@ -45,13 +45,14 @@ IGNORE_PATTERNS = [
     "*/checkpoint-*/*",
     "*.pt",
     "*.pth",
-    "*.bin",  # training_args.bin; weights are safetensors
+    "training_args.bin",  # the pickled TrainingArguments
     ".*",  # hidden files, including atomic-write temporaries
     "*/.*",
     "*.tmp",
     "runs/*",  # TensorBoard event files
 ]
 REQUIRED_FILES = ("config.json", outputs.RESULTS_FILE)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -144,6 +145,8 @@ def push_run(
     missing = [name for name in REQUIRED_FILES if not (run / name).exists()]
     if missing:
         raise UserError(f"{run} is not a finished run ({', '.join(missing)} missing); train to completion first")
+    if not any((run / name).exists() for name in WEIGHT_FILES):
+        raise UserError(f"{run} has no model weights ({' or '.join(WEIGHT_FILES[:2])}); nothing to push")
     _check_repo_id(repo_id)
     token = _resolve_token(token)
 

@@ -103,7 +103,12 @@ model = AutoModelForImageClassification.from_pretrained(repo).eval()
 processor = AutoImageProcessor.from_pretrained(repo)
 with torch.inference_mode():
     logits = model(**processor([i.convert("RGB") for i in images], return_tensors="pt")).logits
-json.dump({"pipeline": by_pipeline, "from_pretrained": torch.softmax(logits, -1).tolist(), "names": names}, open(out, "w"))
+images[0].save(out + ".png")
+from hf_medbeit.predict import main as predict
+predict(["--model", repo, out + ".png", "--output", out + ".csv"])  # hf-medbeit predict with a Hub id
+by_command = [float(v) for v in open(out + ".csv").read().splitlines()[1].split(",")[-len(names):]]
+json.dump({"pipeline": by_pipeline, "from_pretrained": torch.softmax(logits, -1).tolist(), "command": by_command,
+           "names": names}, open(out, "w"))
 """
 
 
@@ -149,6 +154,7 @@ def test_train_with_push_to_hub_round_trip(double, tmp_path):
     expected = expected_scores(run)
     np.testing.assert_allclose(loaded["pipeline"], expected, atol=ATOL)
     np.testing.assert_allclose(loaded["from_pretrained"], expected, atol=ATOL)
+    np.testing.assert_allclose(loaded["command"], expected[0], atol=ATOL)
 
 
 def test_push_command_uploads_run_and_leaves_it_untouched(double, run_dir, tmp_path):
