@@ -13,6 +13,7 @@ PYTHON=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results}
 BUDGET_S=${BUDGET_S:-330}  # everything after the install, compile run included
 mkdir -p "$OUT"
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}  # a fresh compile cache: no stale kernels
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 if [[ -z "${SKIP_WHEELS:-}" && -d .whl ]]; then
@@ -29,6 +30,21 @@ import hf_medbeit.fast_path, hf_medbeit.training
 print("python", __import__("platform").python_version(), "torch", torch.__version__, "torchvision", torchvision.__version__,
       "transformers", transformers.__version__, "datasets", datasets.__version__, "numpy", numpy.__version__,
       "pyarrow", pyarrow.__version__, "cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))
+EOF
+
+# The fast path on this device against the image processor on the CPU, same images.
+"$PYTHON" - <<'EOF' 2>&1 | tee "$OUT/parity.log"
+import numpy as np, torch
+from PIL import Image
+from transformers import BeitImageProcessor
+from hf_medbeit.fast_path import DevicePreprocessor
+device = "cuda" if torch.cuda.is_available() else "cpu"
+images = np.random.default_rng(0).integers(0, 256, size=(64, 28, 28), dtype=np.uint8)
+processor = BeitImageProcessor()
+expected = processor([Image.fromarray(i).convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+actual = DevicePreprocessor(processor)(torch.from_numpy(images)[:, None].to(device)).cpu()
+print(f"parity on {device}: max |fast - processor| = {(actual - expected).abs().max().item():.3g} "
+      f"(one uint8 step = {1 / 127.5:.3g}); mean {(actual - expected).abs().mean().item():.3g}")
 EOF
 
 if [[ -n "${BENCH_TINY:-}" ]]; then  # CPU rehearsal: same commands, tiny model, few steps

@@ -119,7 +119,7 @@ def main() -> None:
             "flag": args.flag, "images": args.images, "size": args.size,
             "npz_gib": round((root / name).stat().st_size / 1024**3, 2),
             "in_memory": {split: getattr(prepared, split).in_memory for split in ("train", "validation", "test")},
-            "peak_rss_gib_after_imports": round(rss_before, 2),
+            "peak_rss_gib_at_start": round(rss_before, 2),
             "peak_rss_gib_after_conversion": round(rss_converted, 2),
             "peak_rss_gib": round(peak_rss_gib(), 2),
             "batch_shape": list(pixels.shape),

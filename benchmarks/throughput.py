@@ -143,7 +143,7 @@ def train_our_path(model, raw, processor, batch_size, warmup, steps, device, wor
     prepared = prepare_splits(raw["train"], raw["validation"], raw["test"], processor)
     args = MedMNISTTrainingArguments(
         **common_args(workdir, device, batch_size, warmup + steps), load_best_model_at_end=False,
-        bf16=precision == "bf16", fp16=precision == "fp16", torch_compile=compile_model,
+        bf16=precision == "bf16", fp16=precision == "fp16", torch_compile=compile_model, gpu_defaults=precision != "fp32",
     )
     args.dataloader_num_workers = default_num_workers(prepared, args.dataloader_num_workers)
     timer = StepTimer(warmup, steps, device)
@@ -160,6 +160,9 @@ def train_our_path(model, raw, processor, batch_size, warmup, steps, device, wor
 def train_model_only(model, batch_size, warmup, steps, device, precision) -> float:
     """(c): forward + backward + fused AdamW step on tensors already on the device."""
     model.to(device).train()
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        # As (b): hf-medbeit's GPU defaults switch TF32 on (the study path, run before, switched it off).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=3e-4, weight_decay=0.01, fused=device.type == "cuda")
     pixel_values = torch.randn(batch_size, 3, model.config.image_size, model.config.image_size, device=device)
@@ -181,27 +184,40 @@ def train_model_only(model, batch_size, warmup, steps, device, precision) -> flo
     return steps * batch_size / seconds
 
 
-def data_path_only(raw, processor, batch_size, batches, device) -> dict:
-    """Model-ready (B, 3, 224, 224) float batches per second on ``device``: ours vs the processor."""
+def data_path_only(raw, processor, batch_size, batches, device, rounds: int = 5) -> dict:
+    """Model-ready (B, 3, 224, 224) float batches per second on ``device``: ours vs the processor.
 
-    def rate(loader, finish):
-        iterator = iter(loader)
-        for _ in range(2):  # warm-up: first batches pay for lazy setup
-            finish(next(iterator))
-        synchronize(device)
-        started, count = time.perf_counter(), 0
-        for _ in range(batches):
-            count += len(finish(next(iterator)))
-        synchronize(device)
-        return count / (time.perf_counter() - started)
+    The two paths alternate in ``rounds`` so that load from other processes (a shared CPU
+    machine) falls on both alike."""
+
+    def endless(loader):
+        while True:
+            yield from loader
 
     prepared = prepare_splits(raw["train"], raw["validation"], raw["test"], processor)
     pin = device.type == "cuda"
-    ours = torch.utils.data.DataLoader(prepared.train, batch_size=batch_size, shuffle=True, collate_fn=prepared.collate_fn, pin_memory=pin)
-    ours_rate = rate(ours, lambda b: prepared.device_preprocessor(b["pixel_values"].to(device, non_blocking=True)))
-    study = torch.utils.data.DataLoader(raw["train"].with_transform(make_transform(processor)), batch_size=batch_size,
-                                        shuffle=True, collate_fn=collate, pin_memory=pin)
-    study_rate = rate(study, lambda b: b["pixel_values"].to(device, non_blocking=True))
+    ours = endless(torch.utils.data.DataLoader(prepared.train, batch_size=batch_size, shuffle=True,
+                                               collate_fn=prepared.collate_fn, pin_memory=pin))
+    study = endless(torch.utils.data.DataLoader(raw["train"].with_transform(make_transform(processor)),
+                                                batch_size=batch_size, shuffle=True, collate_fn=collate, pin_memory=pin))
+    paths = {
+        "ours": (ours, lambda b: prepared.device_preprocessor(b["pixel_values"].to(device, non_blocking=True))),
+        "processor": (study, lambda b: b["pixel_values"].to(device, non_blocking=True)),
+    }
+    seconds, images = dict.fromkeys(paths, 0.0), dict.fromkeys(paths, 0)
+    for name, (iterator, finish) in paths.items():  # warm-up: first batches pay for lazy setup
+        for _ in range(2):
+            finish(next(iterator))
+    per_round = max(1, batches // rounds)
+    for _ in range(rounds):
+        for name, (iterator, finish) in paths.items():
+            synchronize(device)
+            started = time.perf_counter()
+            for _ in range(per_round):
+                images[name] += len(finish(next(iterator)))
+            synchronize(device)
+            seconds[name] += time.perf_counter() - started
+    ours_rate, study_rate = images["ours"] / seconds["ours"], images["processor"] / seconds["processor"]
     return {"batch_size": batch_size, "ours_images_per_s": ours_rate, "processor_images_per_s": study_rate,
             "speedup": ours_rate / study_rate}
 
@@ -211,7 +227,7 @@ def inference(model, raw, processor, device, precision, workdir, images: int, pi
     test = raw["test"].select(range(min(images, len(raw["test"]))))
     prepared = prepare_splits(raw["train"], raw["validation"], test, processor)
     args = MedMNISTTrainingArguments(**common_args(workdir, device, 32, 1), load_best_model_at_end=False,
-                                     bf16=precision == "bf16", fp16=precision == "fp16")
+                                     bf16=precision == "bf16", fp16=precision == "fp16", gpu_defaults=precision != "fp32")
     trainer = WeightedLossTrainer(model=model, args=args, data_collator=prepared.collate_fn, processing_class=processor,
                                   device_preprocessor=prepared.device_preprocessor)
     trainer.predict(UInt8ImageDataset(test.select(range(min(512, len(test))))))  # warm-up
@@ -278,7 +294,8 @@ def main() -> dict:
     transformers.set_seed(0)
     with tempfile.TemporaryDirectory(prefix="hf_medbeit_bench_") as tmp:
         workdir = Path(tmp)
-        needed = (args.warmup + args.steps) * max(args.batch_size + [args.study_batch_size])
+        largest = max(args.batch_size + [args.study_batch_size])
+        needed = max((args.warmup + args.steps) * largest, (args.data_batches + 2) * largest)
         raw = synthetic_medmnist(workdir, images=min(max(needed, 1024), 20000))
         model = build_model(args.model, top_layers, image_size=224)
         trainable, total = count_parameters(model)
