@@ -16,6 +16,7 @@ commands:
   train    fine-tune a model on a MedMNIST data set (hf-medbeit train --help)
   predict  classify image files with a run folder or a Hub model (hf-medbeit predict --help)
   push     push a finished run folder to the Hugging Face Hub (hf-medbeit push --help)
+  benchmark  one results table from finished run folders (hf-medbeit benchmark --help)
 """
 
 
@@ -23,7 +24,7 @@ def run_with_user_errors(function: Callable[[list[str]], object], argv: list[str
     try:
         function(sys.argv[1:] if argv is None else argv)
     except UserError as error:
-        print(f"hf-medbeit: error: {error}", file=sys.stderr)
+        print(f"hf-medbeit: {error.label}: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
 
 
@@ -61,7 +62,13 @@ def _push(argv: list[str]) -> None:
     print(f"hf-medbeit: pushed {args.run_dir} to {args.repo_id}: {url}")
 
 
-COMMANDS = {"train": _train, "predict": _predict, "push": _push}
+def _benchmark(argv: list[str]) -> None:
+    from .report import main
+
+    main(argv)
+
+
+COMMANDS = {"train": _train, "predict": _predict, "push": _push, "benchmark": _benchmark}
 
 
 def main(argv: list[str] | None = None) -> None:

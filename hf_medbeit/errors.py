@@ -10,3 +10,4 @@ class UserError(Exception):
     """A problem with the user's input, reported as one line and exit status 2."""
 
     exit_code = 2
+    label = "error"  # printed as "hf-medbeit: <label>: <message>"

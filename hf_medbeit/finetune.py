@@ -10,9 +10,12 @@ checkpoint by validation AUC -> ONE test evaluation -> results, predictions and 
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import logging
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,9 +23,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 import transformers
-from transformers.trainer_utils import get_last_checkpoint
 
-from . import outputs
+from . import __version__, outputs
 from .arguments import parse_args
 from .cards import write_card
 from .data import class_weights, label_array, load_medmnist, resample
@@ -30,10 +32,21 @@ from .errors import UserError
 from .hub import push_run, take_push_settings
 from .metrics import auc_confidence_interval, confusion, make_compute_metrics, scores_from_logits
 from .modeling import count_parameters, encoder_layers, freeze_all_but_top_layers, load_image_processor, load_model
+from .resilience import StopOnSignal, check_output_dir, is_write_failure, last_complete_checkpoint, write_failure
 from .training import WeightedLossTrainer
 from .data_path import default_num_workers, prepare_splits
 
 logger = logging.getLogger("hf_medbeit")
+
+
+class TrainingInterrupted(UserError):
+    """Ctrl-C or SIGTERM: a checkpoint was saved and the run can resume."""
+
+    label = "stopped"
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def setup_logging(training_args) -> None:
@@ -60,8 +73,9 @@ def default_run_name(model_args, data_args) -> str:
 def resolve_run_folder(model_args, data_args, training_args) -> str | None:
     """Name the run folder and decide whether to resume; returns the checkpoint to resume from.
 
-    As in Hugging Face's example scripts: a folder with checkpoints resumes from the last one; a
-    folder holding a finished run or anything else is refused rather than overwritten.
+    As in Hugging Face's example scripts: a folder with checkpoints resumes from the last complete
+    one (a save cut short by a kill is removed); a folder holding a finished run or anything else
+    is refused rather than overwritten.
     """
     training_args.run_name = training_args.run_name or default_run_name(model_args, data_args)
     if not training_args.output_dir_given:
@@ -73,7 +87,7 @@ def resolve_run_folder(model_args, data_args, training_args) -> str | None:
         return None
     if os.path.exists(os.path.join(output_dir, outputs.RESULTS_FILE)):
         raise UserError(f"{output_dir} already holds a finished run ({outputs.RESULTS_FILE}); pass another --output_dir or delete it")
-    last_checkpoint = get_last_checkpoint(output_dir)
+    last_checkpoint = last_complete_checkpoint(output_dir, remove_incomplete=training_args.process_index == 0)
     if last_checkpoint is None:
         raise UserError(f"{output_dir} exists, is not empty and has no checkpoint to resume from; pass another --output_dir or empty it")
     logger.info("Resuming from %s (delete %s to start over)", last_checkpoint, output_dir)
@@ -131,7 +145,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     training_args.dataloader_num_workers = default_num_workers(prepared, training_args.dataloader_num_workers)
 
-    # 5. Train; the best checkpoint by validation AUC is loaded at the end.
+    # 5. Train; the best checkpoint by validation AUC is loaded at the end. Found before training:
+    #    an unwritable folder or a disk too small. During it: Ctrl-C or SIGTERM saves a checkpoint
+    #    and stops; a failed write names the checkpoint to resume from.
+    check_output_dir(training_args.output_dir, model, training_args.save_total_limit)
+    stop_on_signal = StopOnSignal().install()
     trainer = WeightedLossTrainer(
         model=model,
         args=training_args,
@@ -144,8 +162,22 @@ def main(argv: list[str] | None = None) -> dict:
         multi_label=spec.is_multi_label,
         layer_decay=model_args.layer_decay,
         device_preprocessor=prepared.device_preprocessor,
+        callbacks=[stop_on_signal],
     )
-    train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    except Exception as error:
+        if is_write_failure(error):
+            raise write_failure(error, training_args.output_dir) from error
+        raise
+    finally:
+        stop_on_signal.uninstall()
+    if stop_on_signal.received is not None:
+        raise TrainingInterrupted(
+            f"interrupted at step {trainer.state.global_step}; checkpoint saved in "
+            f"{last_complete_checkpoint(training_args.output_dir)}: run the same command again to resume",
+            exit_code=stop_on_signal.exit_code,
+        )
     trainer.save_model()  # the best model, as safetensors, with the image processor and config
     trainer.save_state()
     trainer.log_metrics("train", train_result.metrics)
@@ -178,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
         **run_provenance(model_args, data_args, training_args, model),
     }
     if trainer.is_world_process_zero():
-        write_run_outputs(training_args.output_dir, spec, test_output, results)
+        write_run_outputs(training_args.output_dir, spec, test_output, results,
+                          resolved_config(model_args, data_args, training_args))
         write_card(training_args.output_dir, repo_id=hub_push.repo_id if hub_push else None)
         if hub_push is not None:
             try:
@@ -213,6 +246,25 @@ def describe_hardware(training_args) -> str:
     else:
         name = device.type.upper()
     return f"{training_args.world_size} x {name}"
+
+
+def git_commit() -> str | None:
+    """The commit of the hf_medbeit checkout that ran, with "-dirty" if it had local changes."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None  # not a git checkout, or no git: an installed package
+    return commit.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def resolved_config(model_args, data_args, training_args) -> dict:
+    """Every argument of the run, flat, as `hf-medbeit train CONFIG.json` reads it back."""
+    return {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **training_args.to_dict()}
 
 
 def run_provenance(model_args, data_args, training_args, model) -> dict:
@@ -250,7 +302,13 @@ def run_provenance(model_args, data_args, training_args, model) -> dict:
         "max_eval_samples": data_args.max_eval_samples,
         "hyperparameters": hyperparameters,
         "hardware": describe_hardware(training_args),
+        "git_commit": git_commit(),
         "framework_versions": {
+            "python": platform.python_version(),
+            "hf_medbeit": __version__,
+            "medmnist": importlib.metadata.version("medmnist"),
+            "accelerate": importlib.metadata.version("accelerate"),
+            "numpy": np.__version__,
             "transformers": transformers.__version__,
             "torch": torch.__version__,
             "datasets": datasets.__version__,
@@ -259,9 +317,9 @@ def run_provenance(model_args, data_args, training_args, model) -> dict:
     }
 
 
-def write_run_outputs(output_dir: str, spec, test_output, results: dict) -> None:
-    """Predictions, confusion matrix and ROC plot, then ``all_results.json`` last: its presence
-    marks a complete run."""
+def write_run_outputs(output_dir: str, spec, test_output, results: dict, run_config: dict) -> None:
+    """The resolved config, predictions, confusion matrix and ROC plot, then ``all_results.json``
+    last: its presence marks a complete run."""
     y_true = np.asarray(test_output.label_ids).astype(int)
     scores = scores_from_logits(test_output.predictions, spec.task)
     low, high = auc_confidence_interval(y_true, scores, spec.task)
@@ -269,6 +327,7 @@ def write_run_outputs(output_dir: str, spec, test_output, results: dict) -> None
     matrix = confusion(y_true, scores, spec.task, spec.num_labels)
     title = f"{spec.flag} ({spec.size}x{spec.size}) test"
     folder = Path(output_dir)
+    outputs.write_json(folder / outputs.RUN_CONFIG_FILE, run_config)
     outputs.write_predictions(folder / outputs.PREDICTIONS_FILE, y_true, scores, spec.label_names, spec.task)
     outputs.write_json(folder / outputs.CONFUSION_FILE, {"label_names": list(spec.label_names), "matrix": matrix})
     outputs.plot_confusion_matrix(folder / outputs.CONFUSION_PLOT, matrix, spec.label_names, title)

@@ -20,6 +20,7 @@ import numpy as np
 from .data import MULTI_LABEL_TASK
 
 RESULTS_FILE = "all_results.json"
+RUN_CONFIG_FILE = "run_config.json"  # every argument, flat: `hf-medbeit train run_config.json` repeats the run
 PREDICTIONS_FILE = "test_predictions.csv"
 CONFUSION_FILE = "confusion_matrix.json"
 CONFUSION_PLOT = "confusion_matrix.png"

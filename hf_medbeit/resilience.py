@@ -1,0 +1,158 @@
+"""Surviving faults: kills, interrupts, full disks.
+
+* ``last_complete_checkpoint``: a run killed while saving leaves a checkpoint folder without its
+  ``trainer_state.json`` (Trainer writes that file last); resuming from it would fail or, worse,
+  mix states. Only complete checkpoints count.
+* ``StopOnSignal``: Ctrl-C (SIGINT) or SIGTERM (pre-emption) ends training at the next step with a
+  checkpoint saved, instead of losing everything since the last one.
+* ``check_output_dir``: an unwritable folder or a disk too small for the checkpoints is found
+  before training starts.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import uuid
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+# Errors that mean "the disk cannot take this write", as opposed to a bug.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
+
+
+def is_complete_checkpoint(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, TRAINER_STATE)) as handle:
+            json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """Checkpoint folders in step order."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT.match(name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def last_complete_checkpoint(output_dir: str, remove_incomplete: bool = False) -> str | None:
+    """The newest checkpoint whose save finished; optionally delete the unfinished ones after it."""
+    last = None
+    for folder in checkpoints(output_dir):
+        if is_complete_checkpoint(folder):
+            last = folder
+        elif remove_incomplete:
+            logger.warning("Removing %s: its save was interrupted (no %s)", folder, TRAINER_STATE)
+            shutil.rmtree(folder, ignore_errors=True)
+    return last
+
+
+class StopOnSignal(TrainerCallback):
+    """On SIGINT or SIGTERM: save a checkpoint at the end of the current step and stop training.
+
+    A second signal falls through to the default behaviour (a second Ctrl-C kills at once).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def install(self) -> "StopOnSignal":
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            self.uninstall()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        logger.warning("Received %s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+            # Interrupted runs keep their checkpoints; the last one is what a resume needs.
+            control.should_evaluate = False
+        return control
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.received) if self.received is not None else 0
+
+
+def _bytes_per_checkpoint(model: torch.nn.Module) -> int:
+    """Weights of the whole model plus two AdamW moments per trainable parameter."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = sum(2 * p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return weights + moments
+
+
+def check_output_dir(output_dir: str, model: torch.nn.Module, save_total_limit: int | None) -> None:
+    """Fail before training if ``output_dir`` cannot be written or the disk cannot hold the run."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".write-test-{uuid.uuid4().hex}")
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * 4096)
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(f"cannot write to --output_dir {output_dir} ({error.strerror or error}); choose a writable folder") from error
+    # Checkpoints kept (save_total_limit, +1 for the best one that Trainer also keeps, +1 being
+    # written before the oldest is deleted), plus the final model. Without a limit, assume 5.
+    kept = (save_total_limit or 5) + 2
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    needed = _bytes_per_checkpoint(model) * kept + weights
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise UserError(
+            f"{output_dir} has {free / 2**30:.2f} GiB free but this run needs about {needed / 2**30:.2f} GiB "
+            f"for {kept} checkpoints and the model; free space, lower --save_total_limit or choose another --output_dir"
+        )
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """A full disk or a refused write, however the writer reports it: Python raises OSError, the
+    safetensors writer a SafetensorError, torch.save a RuntimeError from its zip writer."""
+    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+        return True
+    text = str(error)
+    return any(marker in text for marker in (
+        "No space left on device", "os error 28", "Disk quota exceeded", "PytorchStreamWriter failed", "inline_container",
+    ))
+
+
+def write_failure(error: BaseException, output_dir: str) -> UserError:
+    """A one-line error for a write that failed mid-run, naming the checkpoint to resume from."""
+    last = last_complete_checkpoint(output_dir)
+    resume = f"the last good checkpoint is {last}; " if last else "no checkpoint was completed; "
+    reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+    return UserError(
+        f"could not write to {output_dir} ({reason}); {resume}free space or fix permissions, "
+        "then run the same command again to resume"
+    )

@@ -1,0 +1,244 @@
+"""Faults injected for real: SIGKILL mid-run, Ctrl-C and SIGTERM, a full disk, a read-only disk,
+a crash while writing results. Each run is a subprocess of the real command."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hf_medbeit.arguments import ARGUMENT_CLASSES
+from hf_medbeit.outputs import atomic_path, write_json
+
+from conftest import DATA, REPO, TINY_BEIT, run_cli
+
+pytestmark = pytest.mark.e2e
+
+# 40 optimizer steps, evaluated and saved every 10: slow enough to be killed mid-run, fast enough for CI.
+RUN = (
+    "--dataset_name", "breastmnist", "--data_dir", str(DATA), "--model_type", "beit", "--config_overrides", TINY_BEIT,
+    "--max_steps", "40", "--per_device_train_batch_size", "16", "--learning_rate", "1e-3",
+    "--eval_strategy", "steps", "--eval_steps", "10", "--save_strategy", "steps", "--save_steps", "10",
+    "--save_total_limit", "2", "--report_to", "none", "--disable_tqdm", "true",
+)
+VOLATILE = ("runtime", "per_second", "wall_time", "best_model_checkpoint", "total_flos", "git_commit")
+# Trainer's summary `train_loss` averages only the steps run since the last (re)start; the model,
+# the metrics and the predictions are what must match.
+RESUME_VOLATILE = VOLATILE + ("train_loss",)
+
+
+def train_command(out: Path, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "hf_medbeit.cli", "train", *RUN, "--output_dir", str(out),
+            "--dataset_cache_dir", str(cache), *extra]
+
+
+def start(out: Path, cache: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(train_command(out, cache, *extra), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def finish(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(train_command(out, cache, *extra), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"run ended (exit {process.returncode}) before {path} appeared: {process.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.02)
+
+
+def comparable(results: dict, volatile=VOLATILE) -> dict:
+    return {key: value for key, value in results.items() if not any(mark in key for mark in volatile)}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run with the seed: what every resumed run must end with."""
+    root = tmp_path_factory.mktemp("reference")
+    finish(root / "run", root / "cache")
+    return root / "run"
+
+
+def assert_same_run(run: Path, reference: Path, resumed: bool = True) -> None:
+    assert (run / "test_predictions.csv").read_bytes() == (reference / "test_predictions.csv").read_bytes()
+    volatile = RESUME_VOLATILE if resumed else VOLATILE
+    ours = comparable(json.loads((run / "all_results.json").read_text()), volatile)
+    theirs = comparable(json.loads((reference / "all_results.json").read_text()), volatile)
+    assert ours == theirs
+
+
+def test_same_seed_gives_identical_numbers(tmp_path, reference):
+    finish(tmp_path / "run", tmp_path / "cache")
+    assert_same_run(tmp_path / "run", reference, resumed=False)
+
+
+def test_run_folder_records_how_to_repeat_it(reference):
+    from transformers import HfArgumentParser
+
+    config = json.loads((reference / "run_config.json").read_text())
+    model_args, data_args, training_args = HfArgumentParser(ARGUMENT_CLASSES).parse_dict(config, allow_extra_keys=False)
+    assert (data_args.dataset_name, model_args.config_overrides, training_args.max_steps) == ("breastmnist", TINY_BEIT, 40)
+    assert training_args.seed == 42 and training_args.output_dir == str(reference)
+    results = json.loads((reference / "all_results.json").read_text())
+    assert results["data_md5"] == "750601b1f35ba3300ea97c75c52ff8f6"
+    assert {"torch", "transformers", "datasets", "medmnist", "numpy", "python"} <= set(results["framework_versions"])
+    assert "git_commit" in results  # None outside a git checkout
+
+
+def test_sigkill_then_same_command_resumes_to_the_same_result(tmp_path, reference):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    process = start(out, cache)
+    wait_for(out / "checkpoint-10" / "trainer_state.json", process)
+    delay = random.uniform(0.0, 0.3)
+    time.sleep(delay)
+    process.kill()  # SIGKILL: no handler runs
+    process.wait()
+    assert not (out / "all_results.json").exists(), f"the kill after {delay:.2f} s came too late to test anything"
+    print(f"killed {delay:.2f} s after the first checkpoint; left: {sorted(p.name for p in out.iterdir())}")
+    result = finish(out, cache)
+    assert "Resuming from" in result.stdout
+    assert_same_run(out, reference)
+
+
+def test_interrupted_save_is_not_resumed_from(tmp_path, reference):
+    """A checkpoint cut short by a kill (no trainer_state.json) is removed; the run resumes from the one before."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    process = start(out, cache)
+    wait_for(out / "checkpoint-20" / "trainer_state.json", process)
+    process.kill()
+    process.wait()
+    broken = out / "checkpoint-30"
+    broken.mkdir(exist_ok=True)
+    (broken / "model.safetensors").write_bytes(b"half a file")
+    (broken / "trainer_state.json").unlink(missing_ok=True)
+    result = finish(out, cache)
+    assert "Resuming from" in result.stdout and "checkpoint-20" in result.stdout
+    assert_same_run(out, reference)
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tmp_path, reference, signum, code):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    process = start(out, cache)
+    wait_for(out / "checkpoint-10" / "trainer_state.json", process)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == code, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("hf-medbeit:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert lines[0].startswith("hf-medbeit: stopped: interrupted at step") and "run the same command again to resume" in lines[0]
+    step = int(lines[0].split("interrupted at step ")[1].split(";")[0])
+    assert f"checkpoint-{step}" in lines[0]
+    assert (out / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert not (out / "all_results.json").exists()
+    finish(out, cache)
+    assert_same_run(out, reference)
+
+
+def _mount_tmpfs(path: Path, size: str, read_only: bool = False) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Small real file systems (root only, as CI runs): a full disk is a real ENOSPC, not a mock."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; CI runs as root")
+    mounts = []
+
+    def mount(name: str, size: str, read_only: bool = False) -> Path:
+        path = tmp_path / name
+        _mount_tmpfs(path, size, read_only)
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_disk_too_small_is_found_before_training(tmp_path, tmpfs):
+    disk = tmpfs("small", "300k")
+    result = run_cli("train", *RUN, "--output_dir", str(disk / "run"), "--dataset_cache_dir", str(tmp_path / "cache"))
+    assert result.returncode == 2
+    line = [l for l in result.stderr.splitlines() if l.startswith("hf-medbeit:")][0]
+    assert "GiB free but this run needs about" in line and "--save_total_limit" in line
+    assert not list((disk / "run").glob("checkpoint-*"))
+
+
+def test_read_only_output_dir_is_found_before_training(tmp_path, tmpfs):
+    disk = tmpfs("readonly", "1m", read_only=True)
+    result = run_cli("train", *RUN, "--output_dir", str(disk / "run"), "--dataset_cache_dir", str(tmp_path / "cache"))
+    assert result.returncode == 2
+    assert "cannot write to --output_dir" in result.stderr and "Read-only file system" in result.stderr
+
+
+def test_disk_filling_up_mid_run_names_the_last_good_checkpoint(tmp_path, tmpfs, reference):
+    disk = tmpfs("disk", "24m")
+    out, cache = disk / "run", tmp_path / "cache"
+    process = start(out, cache)
+    wait_for(out / "checkpoint-10" / "trainer_state.json", process)
+    filler = disk / "filler"
+    with open(filler, "wb") as handle:  # another job takes the rest of the disk
+        try:
+            while True:
+                handle.write(b"\0" * (1 << 16))
+                handle.flush()
+        except OSError:
+            pass
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2, stderr[-3000:]
+    line = [l for l in stderr.splitlines() if l.startswith("hf-medbeit:")][-1]
+    assert line.startswith(f"hf-medbeit: error: could not write to {out}")
+    assert "the last good checkpoint is" in line and "run the same command again to resume" in line
+    named = Path(line.split("the last good checkpoint is ")[1].split(";")[0])
+    assert (named / "trainer_state.json").is_file()
+    filler.unlink()
+    finish(out, cache)
+    assert_same_run(out, reference)
+
+
+def test_a_crash_while_writing_leaves_the_old_file_or_none(tmp_path):
+    target = tmp_path / "all_results.json"
+    with pytest.raises(TypeError):
+        write_json(target, {"test_auc": object()})  # not serialisable: fails mid-write
+    assert not target.exists() and not list(tmp_path.iterdir())
+    write_json(target, {"test_auc": 0.9})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as temporary:
+            temporary.write_text('{"test_auc": 0.')
+            raise RuntimeError("killed here")
+    assert json.loads(target.read_text()) == {"test_auc": 0.9}
+    assert [p.name for p in tmp_path.iterdir()] == ["all_results.json"]
+
+
+def test_benchmark_skips_missing_and_corrupt_runs(tmp_path, reference):
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoint-10").mkdir(parents=True)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "all_results.json").write_text('{"test_auc": 0.')
+    result = run_cli("benchmark", str(reference), str(unfinished), str(corrupt), "--output", str(tmp_path / "table.md"))
+    assert result.returncode == 0, result.stderr
+    assert f"skipped {unfinished}: no all_results.json" in result.stderr
+    assert f"skipped {corrupt}: all_results.json is corrupt" in result.stderr
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert len(table) == 3 and "breastmnist (28)" in table[2]
+    nothing = run_cli("benchmark", str(unfinished), str(corrupt))
+    assert nothing.returncode == 2 and "nothing to tabulate" in nothing.stderr
