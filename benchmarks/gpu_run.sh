@@ -11,7 +11,7 @@ set -uo pipefail
 
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results}
-BUDGET_S=${BUDGET_S:-330}  # everything after the install, compile run included
+BUDGET_S=${BUDGET_S:-300}  # everything after the install, compile run included
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}  # a fresh compile cache: no stale kernels
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

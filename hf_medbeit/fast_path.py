@@ -136,8 +136,10 @@ class DevicePreprocessor:
             if self.do_center_crop:
                 images = tvF.center_crop(images, list(self.crop_size))
             scale, shift = self._scale_shift(images.device)
-            # Broadcasting a (B, 1, H, W) gray batch against 3 channels is convert("RGB").
-            return torch.addcmul(shift, images.float(), scale)
+            # Broadcasting a (B, 1, H, W) gray batch against 3 channels is convert("RGB"). On the
+            # CPU, uint8 x float32 promotes on the fly (no float copy of the batch first: about 2x
+            # faster there); elsewhere the explicit cast is cheap.
+            return torch.addcmul(shift, images if images.device.type == "cpu" else images.float(), scale)
 
 
 def processor_supported(image_processor) -> str | None:
