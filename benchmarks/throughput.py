@@ -72,9 +72,10 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def build_model(name: str, top_layers: int | None, image_size: int) -> BeitForImageClassification:
+def build_model(name: str, top_layers: int | None, image_size: int, attn_implementation: str = "sdpa") -> BeitForImageClassification:
     config = BeitConfig(image_size=image_size, patch_size=16, num_labels=2, **MODELS[name])
     model = BeitForImageClassification(config)
+    model.set_attn_implementation(attn_implementation)
     if top_layers is not None:
         freeze_all_but_top_layers(model, top_layers)
     return model
@@ -131,8 +132,15 @@ def train_study_path(model, raw, processor, batch_size, warmup, steps, device, w
     args = TrainingArguments(**common_args(workdir, device, batch_size, warmup + steps), remove_unused_columns=False,
                              optim="adamw_torch", tf32=tf32, logging_steps=10)
     timer = StepTimer(warmup, steps, device)
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[timer])
-    trainer.train()
+    # Eager attention, as BEiT ran when the study was made. It also avoids a PyTorch failure seen on
+    # an H200 (torch 2.11): fp32 SDPA backward of BEiT-large raised "LSE is not correctly aligned".
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[timer])
+        trainer.train()
+    finally:
+        model.set_attn_implementation(previous)
     del trainer
     free_memory()
     return images_per_second(timer, batch_size)
@@ -267,6 +275,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                         help="For (b) and (c). auto: bf16 (fp16 without bf16) on CUDA, fp32 on CPU, as hf-medbeit train does.")
     parser.add_argument("--compile", action="store_true", help="Also time (b) with --torch_compile at the largest batch size.")
+    parser.add_argument("--attn_implementation", choices=["sdpa", "eager"], default="sdpa",
+                        help="Attention of (b) and (c); the study path (a) always runs eager, as BEiT did then.")
     parser.add_argument("--skip", nargs="*", default=[], choices=["study", "ours", "model", "data", "inference"])
     parser.add_argument("--data_batches", type=int, default=20, help="Batches timed for the data-path-only measurement.")
     parser.add_argument("--inference_images", type=int, default=2048)
@@ -287,7 +297,7 @@ def main() -> dict:
     report = {
         "date": datetime.date.today().isoformat(), "device": str(device), "device_name": device_name,
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "model": args.model, "trainable_top_layers": top_layers, "precision": precision,
+        "model": args.model, "trainable_top_layers": top_layers, "precision": precision, "attn_implementation": args.attn_implementation,
         "steps": args.steps, "warmup": args.warmup, "command": " ".join(sys.argv),
     }
     log(f"device {device} ({device_name}), model {args.model}, precision {precision}")
@@ -297,7 +307,7 @@ def main() -> dict:
         largest = max(args.batch_size + [args.study_batch_size])
         needed = max((args.warmup + args.steps) * largest, (args.data_batches + 2) * largest)
         raw = synthetic_medmnist(workdir, images=min(max(needed, 1024), 20000))
-        model = build_model(args.model, top_layers, image_size=224)
+        model = build_model(args.model, top_layers, image_size=224, attn_implementation=args.attn_implementation)
         trainable, total = count_parameters(model)
         report.update(trainable_parameters=trainable, total_parameters=total)
         processor = BeitImageProcessor(size={"height": 224, "width": 224})

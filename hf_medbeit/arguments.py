@@ -42,6 +42,11 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run model code from the Hub repository. Only for repositories you trust."}
     )
+    attn_implementation: Literal["sdpa", "eager"] | None = field(
+        default=None,
+        metadata={"help": "Attention kernel: transformers' default (sdpa) or eager. On an H200 with torch 2.11, "
+                  "BEiT-large's SDPA backward failed ('LSE is not correctly aligned'); eager works (benchmarks/README.md)."},
+    )
     trainable_top_layers: int | None = field(
         default=None,
         metadata={"help": "Freeze all but the top K transformer blocks, the pooler and the head (the study: K=5 on BEiT-large)."},

@@ -88,6 +88,8 @@ def resolve_run_folder(model_args, data_args, training_args) -> str | None:
     if os.path.exists(os.path.join(output_dir, outputs.RESULTS_FILE)):
         raise UserError(f"{output_dir} already holds a finished run ({outputs.RESULTS_FILE}); pass another --output_dir or delete it")
     last_checkpoint = last_complete_checkpoint(output_dir, remove_incomplete=training_args.process_index == 0)
+    if last_checkpoint is None and not os.listdir(output_dir):
+        return None  # killed before its first checkpoint was complete: start again
     if last_checkpoint is None:
         raise UserError(f"{output_dir} exists, is not empty and has no checkpoint to resume from; pass another --output_dir or empty it")
     logger.info("Resuming from %s (delete %s to start over)", last_checkpoint, output_dir)

@@ -38,6 +38,7 @@ def label_config(spec: MedMNISTSpec) -> dict:
 
 def load_model(model_args, spec: MedMNISTSpec) -> PreTrainedModel:
     labels = label_config(spec)
+    attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     if model_args.model_type:
         try:
             config = AutoConfig.for_model(model_args.model_type, **labels)
@@ -53,7 +54,7 @@ def load_model(model_args, spec: MedMNISTSpec) -> PreTrainedModel:
             keys = [item.split("=", 1)[0] for item in model_args.config_overrides.split(",")]
             config = AutoConfig.for_model(model_args.model_type, **labels, **{key: getattr(config, key) for key in keys})
         logger.info("Training %s from scratch with config %s", model_args.model_type, config.to_diff_dict())
-        return AutoModelForImageClassification.from_config(config)
+        return AutoModelForImageClassification.from_config(config, **attention)
     try:
         return AutoModelForImageClassification.from_pretrained(
             model_args.model_name_or_path,
@@ -62,6 +63,7 @@ def load_model(model_args, spec: MedMNISTSpec) -> PreTrainedModel:
             trust_remote_code=model_args.trust_remote_code,
             ignore_mismatched_sizes=True,
             **labels,
+            **attention,
         )
     except OSError as error:
         raise UserError(

@@ -94,3 +94,8 @@ def test_reloading_a_checkpoint_restores_every_weight(tmp_path):
         torch.testing.assert_close(actual, expected, msg=name)
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "checkpoint-1")
     torch.testing.assert_close(reloaded.classifier.weight, model.classifier.weight)
+
+
+def test_attention_implementation_is_selectable():
+    args = ModelArguments(model_type="beit", config_overrides=TINY_BEIT, attn_implementation="eager")
+    assert load_model(args, get_spec("breastmnist")).config._attn_implementation == "eager"
