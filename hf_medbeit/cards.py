@@ -27,6 +27,7 @@ from . import outputs
 from .data import MULTI_LABEL_TASK
 from .errors import UserError
 from .metrics import metric_key
+from .training import RECORDED_HYPERPARAMETERS
 
 CARD_FILE = "README.md"
 MODEL_CARDS_DIR = Path(__file__).resolve().parents[1] / "model_cards"
@@ -95,16 +96,6 @@ SOURCE_CITATIONS = {
   doi     = {10.1038/sdata.2018.161}
 }""",
 }
-
-# Hyperparameters shown first, in this order; any others recorded by the run follow.
-_HYPERPARAMETER_ORDER = (
-    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "world_size", "total_train_batch_size", "per_device_eval_batch_size", "optim", "weight_decay", "adam_beta1",
-    "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler_type", "warmup_steps", "label_smoothing_factor",
-    "seed", "data_seed", "bf16", "fp16", "eval_strategy", "save_strategy", "metric_for_best_model",
-    "load_best_model_at_end",
-)
-
 
 def hub_license(medmnist_license: str) -> str | None:
     """'CC BY 4.0' -> 'cc-by-4.0'; None where the Hub has no identifier we know for it."""
@@ -266,7 +257,7 @@ def card_context(run_dir: str | os.PathLike, repo_id: str | None = None) -> tupl
     )
 
     hyperparameters = dict(results.get("hyperparameters") or {})
-    ordered = [key for key in _HYPERPARAMETER_ORDER if key in hyperparameters]
+    ordered = [key for key in RECORDED_HYPERPARAMETERS if key in hyperparameters]
     ordered += sorted(key for key in hyperparameters if key not in ordered)
     hyperparameter_rows = [(f"`{key}`", _fmt(hyperparameters[key], 6)) for key in ordered]
 

@@ -33,7 +33,7 @@ from .hub import push_run, take_push_settings
 from .metrics import auc_confidence_interval, confusion, make_compute_metrics, scores_from_logits
 from .modeling import count_parameters, encoder_layers, freeze_all_but_top_layers, load_image_processor, load_model
 from .resilience import StopOnSignal, check_output_dir, is_write_failure, last_complete_checkpoint, write_failure
-from .training import WeightedLossTrainer
+from .training import RECORDED_HYPERPARAMETERS, WeightedLossTrainer
 from .data_path import default_num_workers, prepare_splits
 
 logger = logging.getLogger("hf_medbeit")
@@ -227,16 +227,6 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-# Training arguments recorded in all_results.json (and shown in the model card).
-HYPERPARAMETERS = (
-    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
-    "gradient_accumulation_steps", "optim", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
-    "max_grad_norm", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "label_smoothing_factor", "seed",
-    "data_seed", "bf16", "fp16", "tf32", "eval_strategy", "save_strategy", "metric_for_best_model",
-    "load_best_model_at_end",
-)
-
-
 def describe_hardware(training_args) -> str:
     import torch
 
@@ -277,7 +267,7 @@ def run_provenance(model_args, data_args, training_args, model) -> dict:
     from_scratch = bool(model_args.model_type)
     checkpoint = model_args.model_name_or_path
     hyperparameters = {}
-    for name in HYPERPARAMETERS:
+    for name in RECORDED_HYPERPARAMETERS:
         value = getattr(training_args, name, None)
         if hasattr(value, "value"):  # enums (optimizer, scheduler, strategies)
             value = value.value

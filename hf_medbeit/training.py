@@ -21,6 +21,17 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 from .modeling import layer_decay_parameter_groups
 
 
+# The training arguments a run records in all_results.json, in the order its model card shows them
+# (world_size and total_train_batch_size are derived from the others).
+RECORDED_HYPERPARAMETERS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "world_size", "total_train_batch_size", "per_device_eval_batch_size", "optim", "weight_decay", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler_type", "warmup_steps", "warmup_ratio",
+    "label_smoothing_factor", "seed", "data_seed", "bf16", "fp16", "tf32", "eval_strategy", "save_strategy",
+    "metric_for_best_model", "load_best_model_at_end",
+)
+
+
 @dataclass
 class MedMNISTTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with the study's defaults (design.md section 2): 5 epochs, lr 3e-4,

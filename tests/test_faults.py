@@ -27,6 +27,8 @@ RUN = (
     "--max_steps", "40", "--per_device_train_batch_size", "16", "--learning_rate", "1e-3",
     "--eval_strategy", "steps", "--eval_steps", "10", "--save_strategy", "steps", "--save_steps", "10",
     "--save_total_limit", "2", "--report_to", "none", "--disable_tqdm", "true",
+    # One log line per step on stdout: the tests inject each fault at a chosen step.
+    "--logging_steps", "1",
 )
 VOLATILE = ("runtime", "per_second", "wall_time", "best_model_checkpoint", "total_flos", "git_commit")
 # Trainer's summary `train_loss` averages only the steps run since the last (re)start; the model,
@@ -50,15 +52,20 @@ def finish(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
     return result
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+def run_until_step(process: subprocess.Popen, step: int, timeout: float = 300) -> None:
+    """Read the run's per-step log lines until optimizer step ``step`` has been logged."""
     deadline = time.time() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"run ended (exit {process.returncode}) before {path} appeared: {process.stderr.read()[-3000:]}")
+    logged = 0
+    for line in process.stdout:
+        if line.startswith("{'loss'"):
+            logged += 1
+            if logged >= step:
+                return
         if time.time() > deadline:
-            process.kill()
-            raise AssertionError(f"{path} did not appear in {timeout} s")
-        time.sleep(0.02)
+            break
+    process.kill()
+    raise AssertionError(f"the run ended or stalled after {logged} logged steps, before step {step}: "
+                         f"exit {process.wait()}, {process.stderr.read()[-3000:]}")
 
 
 def comparable(results: dict, volatile=VOLATILE) -> dict:
@@ -102,13 +109,12 @@ def test_run_folder_records_how_to_repeat_it(reference):
 def test_sigkill_then_same_command_resumes_to_the_same_result(tmp_path, reference):
     out, cache = tmp_path / "run", tmp_path / "cache"
     process = start(out, cache)
-    wait_for(out / "checkpoint-10" / "trainer_state.json", process)
-    delay = random.uniform(0.0, 0.3)
-    time.sleep(delay)
+    step = random.randint(12, 38)  # after the first checkpoint (step 10), before the end (40)
+    run_until_step(process, step)
     process.kill()  # SIGKILL: no handler runs
     process.wait()
-    assert not (out / "all_results.json").exists(), f"the kill after {delay:.2f} s came too late to test anything"
-    print(f"killed {delay:.2f} s after the first checkpoint; left: {sorted(p.name for p in out.iterdir())}")
+    assert not (out / "all_results.json").exists(), f"the kill at step {step} came too late to test anything"
+    print(f"killed at step {step}; left: {sorted(p.name for p in out.iterdir())}")
     result = finish(out, cache)
     assert "Resuming from" in result.stdout
     assert_same_run(out, reference)
@@ -118,7 +124,7 @@ def test_interrupted_save_is_not_resumed_from(tmp_path, reference):
     """A checkpoint cut short by a kill (no trainer_state.json) is removed; the run resumes from the one before."""
     out, cache = tmp_path / "run", tmp_path / "cache"
     process = start(out, cache)
-    wait_for(out / "checkpoint-20" / "trainer_state.json", process)
+    run_until_step(process, 22)
     process.kill()
     process.wait()
     broken = out / "checkpoint-30"
@@ -134,7 +140,7 @@ def test_interrupted_save_is_not_resumed_from(tmp_path, reference):
 def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tmp_path, reference, signum, code):
     out, cache = tmp_path / "run", tmp_path / "cache"
     process = start(out, cache)
-    wait_for(out / "checkpoint-10" / "trainer_state.json", process)
+    run_until_step(process, random.randint(12, 38))
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == code, stderr[-3000:]
@@ -193,7 +199,7 @@ def test_disk_filling_up_mid_run_names_the_last_good_checkpoint(tmp_path, tmpfs,
     disk = tmpfs("disk", "24m")
     out, cache = disk / "run", tmp_path / "cache"
     process = start(out, cache)
-    wait_for(out / "checkpoint-10" / "trainer_state.json", process)
+    run_until_step(process, 12)
     filler = disk / "filler"
     with open(filler, "wb") as handle:  # another job takes the rest of the disk
         try:
