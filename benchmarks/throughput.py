@@ -146,12 +146,15 @@ def train_study_path(model, raw, processor, batch_size, warmup, steps, device, w
     return images_per_second(timer, batch_size)
 
 
-def train_our_path(model, raw, processor, batch_size, warmup, steps, device, workdir, precision, compile_model=False) -> float:
-    """(b): what ``hf-medbeit train`` runs: fast path, WeightedLossTrainer, GPU defaults."""
+def train_our_path(model, raw, processor, batch_size, warmup, steps, device, workdir, precision, compile_model=False,
+                   overrides: dict | None = None) -> float:
+    """(b): what ``hf-medbeit train`` runs: fast path, WeightedLossTrainer, GPU defaults.
+    ``overrides``: TrainingArguments fields to change, to find where (b) loses time against (c)."""
     prepared = prepare_splits(raw["train"], raw["validation"], raw["test"], processor)
     args = MedMNISTTrainingArguments(
-        **common_args(workdir, device, batch_size, warmup + steps), load_best_model_at_end=False,
-        bf16=precision == "bf16", fp16=precision == "fp16", torch_compile=compile_model, gpu_defaults=precision != "fp32",
+        **{**common_args(workdir, device, batch_size, warmup + steps), "load_best_model_at_end": False,
+           "bf16": precision == "bf16", "fp16": precision == "fp16", "torch_compile": compile_model,
+           "gpu_defaults": precision != "fp32", **(overrides or {})},
     )
     args.dataloader_num_workers = default_num_workers(prepared, args.dataloader_num_workers)
     timer = StepTimer(warmup, steps, device)
@@ -277,6 +280,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="Also time (b) with --torch_compile at the largest batch size.")
     parser.add_argument("--attn_implementation", choices=["sdpa", "eager"], default="sdpa",
                         help="Attention of (b) and (c); the study path (a) always runs eager, as BEiT did then.")
+    parser.add_argument("--trainer_overrides", type=json.loads, default=None,
+                        help='JSON of TrainingArguments fields for (b), e.g. \'{"max_grad_norm": 0}\' (diagnostics).')
     parser.add_argument("--skip", nargs="*", default=[], choices=["study", "ours", "model", "data", "inference"])
     parser.add_argument("--data_batches", type=int, default=20, help="Batches timed for the data-path-only measurement.")
     parser.add_argument("--inference_images", type=int, default=2048)
@@ -298,6 +303,7 @@ def main() -> dict:
         "date": datetime.date.today().isoformat(), "device": str(device), "device_name": device_name,
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "model": args.model, "trainable_top_layers": top_layers, "precision": precision, "attn_implementation": args.attn_implementation,
+        "trainer_overrides": args.trainer_overrides,
         "steps": args.steps, "warmup": args.warmup, "command": " ".join(sys.argv),
     }
     log(f"device {device} ({device_name}), model {args.model}, precision {precision}")
@@ -329,7 +335,7 @@ def main() -> dict:
             if "ours" not in args.skip:
                 log(f"(b) our Trainer + fast path, {precision}, batch {batch_size} ...")
                 row["ours_images_per_s"] = train_our_path(model, raw, processor, batch_size, args.warmup, args.steps,
-                                                          device, workdir, precision)
+                                                          device, workdir, precision, overrides=args.trainer_overrides)
                 log(f"    {row['ours_images_per_s']:.1f} images/s")
             if "ours_images_per_s" in row and "study_images_per_s" in report:
                 row["ours_over_study"] = row["ours_images_per_s"] / report["study_images_per_s"]
