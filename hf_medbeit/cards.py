@@ -215,7 +215,7 @@ def _warnings(results: dict, label_names: list[str], from_scratch: bool, image_s
 def card_context(run_dir: str | os.PathLike, repo_id: str | None = None) -> tuple[ModelCardData, dict]:
     """The card's metadata and template variables, all read from the run folder."""
     run = Path(run_dir)
-    results = _read_json(run / outputs.RESULTS_FILE)
+    results = outputs.read_results(run)
     config = _read_json(run / "config.json")
     state = _read_json(run / "trainer_state.json", required=False)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import MULTI_LABEL_TASK
+from .errors import UserError
 
 RESULTS_FILE = "all_results.json"
 RUN_CONFIG_FILE = "run_config.json"  # every argument, flat: `hf-medbeit train run_config.json` repeats the run
@@ -66,8 +67,33 @@ def write_json(path: str | os.PathLike, data) -> None:
         temporary.write_text(json.dumps(_json_safe(data), indent=2, sort_keys=True) + "\n")
 
 
+# What every consumer of a run (card, results table) relies on; finetune.py always writes them.
+REQUIRED_RESULTS = ("dataset", "size", "task", "label_names", "test_auc", "test_acc")
+
+
+class UnreadableResults(UserError):
+    """A run folder without usable results: unfinished, damaged, or not a run at all."""
+
+    def __init__(self, run_dir, reason: str):
+        super().__init__(f"{run_dir} is not a finished run: {reason}; train to completion first")
+        self.reason = reason
+
+
 def read_results(run_dir: str | os.PathLike) -> dict:
-    return json.loads((Path(run_dir) / RESULTS_FILE).read_text())
+    """``all_results.json`` of a run folder, checked: present, valid JSON, with the test metrics."""
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise UnreadableResults(run_dir, f"no {RESULTS_FILE} (unfinished or not a run folder)")
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UnreadableResults(run_dir, f"{RESULTS_FILE} is corrupt ({type(error).__name__}: {error})") from error
+    if not isinstance(results, dict):
+        raise UnreadableResults(run_dir, f"{RESULTS_FILE} is not a JSON object")
+    missing = [key for key in REQUIRED_RESULTS if key not in results]
+    if missing:
+        raise UnreadableResults(run_dir, f"{RESULTS_FILE} lacks {', '.join(missing)}")
+    return results
 
 
 def write_predictions(path: str | os.PathLike, y_true: np.ndarray, scores: np.ndarray, label_names, task: str) -> None:

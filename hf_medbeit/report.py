@@ -8,36 +8,12 @@ unfinished or damaged run must not end up in a table beside real ones.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 from .errors import UserError
-from .outputs import RESULTS_FILE, atomic_path
-
-REQUIRED = ("dataset", "size", "test_auc", "test_acc")
-
-
-class UnreadableRun(Exception):
-    pass
-
-
-def load_run(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / RESULTS_FILE
-    if not path.is_file():
-        raise UnreadableRun(f"no {RESULTS_FILE} (unfinished or not a run folder)")
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UnreadableRun(f"{RESULTS_FILE} is corrupt ({type(error).__name__}: {error})") from error
-    if not isinstance(results, dict):
-        raise UnreadableRun(f"{RESULTS_FILE} is not a JSON object")
-    missing = [key for key in REQUIRED if key not in results]
-    if missing:
-        raise UnreadableRun(f"{RESULTS_FILE} lacks {', '.join(missing)}")
-    return results
-
+from .outputs import UnreadableResults, atomic_path, read_results
 
 def _number(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -82,9 +58,9 @@ def main(argv: list[str]) -> None:
     rows = []
     for run_dir in args.run_dirs:
         try:
-            rows.append(table_row(run_dir, load_run(run_dir)))
-        except UnreadableRun as reason:
-            print(f"hf-medbeit: skipped {run_dir}: {reason}", file=sys.stderr)
+            rows.append(table_row(run_dir, read_results(run_dir)))
+        except UnreadableResults as error:
+            print(f"hf-medbeit: skipped {run_dir}: {error.reason}", file=sys.stderr)
     if not rows:
         raise UserError(f"none of the {len(args.run_dirs)} folders holds a finished run; nothing to tabulate")
     table = markdown_table(rows)
