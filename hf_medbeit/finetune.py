@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     loss_weights = None
     if data_args.balancing in ("undersample", "oversample"):
         train_split = resample(train_split, spec, data_args.balancing, data_args.balance_ratio, training_args.seed)
-    elif data_args.balancing == "weighted_loss":
-        loss_weights = class_weights(label_array(train_split), spec)
+    train_labels = label_array(train_split)
+    if data_args.balancing == "weighted_loss":
+        loss_weights = class_weights(train_labels, spec)
         logger.info("Class weights for the loss: %s", dict(zip(spec.label_names, np.round(loss_weights, 4).tolist())))
 
     # 3. Model with the data set's labels, and its image processor.
@@ -203,9 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
         "trainable_parameters": trainable_parameters,
         "total_parameters": total_parameters,
         "train_examples": len(train_split),
-        "train_class_counts": np.bincount(label_array(train_split), minlength=spec.num_labels).tolist()
-        if not spec.is_multi_label
-        else label_array(train_split).sum(axis=0).tolist(),
+        "train_class_counts": train_labels.sum(axis=0).tolist()
+        if spec.is_multi_label
+        else np.bincount(train_labels, minlength=spec.num_labels).tolist(),
         "class_weights": None if loss_weights is None else loss_weights.tolist(),
         "wall_time_seconds": round(time.time() - started, 1),
         # Provenance for the model card.

@@ -15,21 +15,19 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import uuid
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import sort_checkpoints
 
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
-_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 # Errors that mean "the disk cannot take this write", as opposed to a bug.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
 
@@ -43,18 +41,11 @@ def is_complete_checkpoint(folder: str) -> bool:
     return True
 
 
-def checkpoints(output_dir: str) -> list[str]:
-    """Checkpoint folders in step order."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT.match(name))]
-    return [os.path.join(output_dir, name) for _, name in sorted(found)]
-
-
 def last_complete_checkpoint(output_dir: str, remove_incomplete: bool = False) -> str | None:
     """The newest checkpoint whose save finished; optionally delete the unfinished ones after it."""
     last = None
-    for folder in checkpoints(output_dir):
+    # Trainer's own ordering (by step), the one it rotates checkpoints with.
+    for folder in sort_checkpoints(output_dir) if os.path.isdir(output_dir) else []:
         if is_complete_checkpoint(folder):
             last = folder
         elif remove_incomplete:
