@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU throughput runs, in one go (under 6 minutes on an H100/H200), from the repo root:
+# The GPU throughput runs, in one go (under 9 minutes on an H100/H200), from the repo root:
 #
 #     bash benchmarks/gpu_run.sh
 #
@@ -11,7 +11,7 @@ set -uo pipefail
 
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results}
-BUDGET_S=${BUDGET_S:-300}  # everything after the install, compile run included
+BUDGET_S=${BUDGET_S:-480}  # everything after the install, compile run included
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}  # a fresh compile cache: no stale kernels
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -67,9 +67,11 @@ run() {  # run NAME SECONDS ARGS...: one throughput.py process with a time limit
 SECONDS=0
 # BEiT-base, all layers trained; BEiT-large, the study's top 5 layers. 28x28 -> 224, bf16.
 run throughput_base 130 --model $BASE --batch_size 32 128 $STEPS
-run throughput_large 140 --model $LARGE --batch_size 32 128 $STEPS
-# torch.compile on our path, BEiT-base at batch 128, last because compiling is slow.
-run throughput_base_compile 100 --model $BASE --batch_size 128 --compile --skip study model ours data inference $STEPS
+# Eager attention: BEiT-large's SDPA backward failed on torch 2.11 ("LSE is not correctly aligned").
+run throughput_large 150 --model $LARGE --attn_implementation eager --batch_size 32 128 $STEPS
+# torch.compile on our path, BEiT-base at batch 128, last because compiling is slow (it did not
+# finish within 100 s on the H200; it gets what is left of the budget).
+run throughput_base_compile 400 --model $BASE --batch_size 128 --compile --skip study model ours data inference $STEPS
 
 echo "== done in ${SECONDS}s; results:"
 ls -l "$OUT"

@@ -73,6 +73,11 @@ def free_memory() -> None:
 
 
 def build_model(name: str, top_layers: int | None, image_size: int, attn_implementation: str = "sdpa") -> BeitForImageClassification:
+    """A new model, the same weights every call. Every measurement gets its own: a model that one
+    Trainer has prepared is marked ``_is_accelerate_prepared``, and accelerate then hands it to the
+    next Trainer as it is, without the autocast wrapper of that Trainer's bf16 (the cause of the
+    GPU runs' b/c = 0.61 before this was fixed: our path had run in fp32 after the study path)."""
+    transformers.set_seed(0)
     config = BeitConfig(image_size=image_size, patch_size=16, num_labels=2, **MODELS[name])
     model = BeitForImageClassification(config)
     model.set_attn_implementation(attn_implementation)
@@ -94,6 +99,21 @@ def synthetic_medmnist(workdir: Path, images: int, seed: int = 0):
     np.savez(root / "pneumoniamnist.npz", **arrays)
     raw, _, _ = load_medmnist("pneumoniamnist", data_dir=root, verify_md5=False, cache_dir=workdir / "cache")
     return raw
+
+
+class PrecisionCheck:
+    """Records the dtype of the classifier's output, to prove a measurement ran in the precision
+    it is labelled with (autocast bf16 gives bf16 logits before accelerate casts them back)."""
+
+    def __init__(self, model):
+        self.dtypes = set()
+        self.handle = model.classifier.register_forward_hook(lambda module, inputs, output: self.dtypes.add(output.dtype))
+
+    def require(self, precision: str, what: str) -> None:
+        self.handle.remove()
+        expected = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        if self.dtypes != {expected}:
+            raise RuntimeError(f"{what} was to run in {precision} but its logits were {sorted(map(str, self.dtypes))}")
 
 
 class StepTimer(TrainerCallback):
@@ -132,6 +152,7 @@ def train_study_path(model, raw, processor, batch_size, warmup, steps, device, w
     args = TrainingArguments(**common_args(workdir, device, batch_size, warmup + steps), remove_unused_columns=False,
                              optim="adamw_torch", tf32=tf32, logging_steps=10)
     timer = StepTimer(warmup, steps, device)
+    check = PrecisionCheck(model)
     # Eager attention, as BEiT ran when the study was made. It also avoids a PyTorch failure seen on
     # an H200 (torch 2.11): fp32 SDPA backward of BEiT-large raised "LSE is not correctly aligned".
     previous = model.config._attn_implementation
@@ -141,6 +162,7 @@ def train_study_path(model, raw, processor, batch_size, warmup, steps, device, w
         trainer.train()
     finally:
         model.set_attn_implementation(previous)
+    check.require("fp32", "(a) the study path")
     del trainer
     free_memory()
     return images_per_second(timer, batch_size)
@@ -158,11 +180,13 @@ def train_our_path(model, raw, processor, batch_size, warmup, steps, device, wor
     )
     args.dataloader_num_workers = default_num_workers(prepared, args.dataloader_num_workers)
     timer = StepTimer(warmup, steps, device)
+    check = PrecisionCheck(model)
     trainer = WeightedLossTrainer(
         model=model, args=args, train_dataset=prepared.train, data_collator=prepared.collate_fn,
         processing_class=processor, device_preprocessor=prepared.device_preprocessor, callbacks=[timer],
     )
     trainer.train()
+    check.require(precision, "(b) our path")
     del trainer
     free_memory()
     return images_per_second(timer, batch_size)
@@ -179,6 +203,7 @@ def train_model_only(model, batch_size, warmup, steps, device, precision) -> flo
     pixel_values = torch.randn(batch_size, 3, model.config.image_size, model.config.image_size, device=device)
     labels = torch.randint(0, 2, (batch_size,), device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    check = PrecisionCheck(model)
     for step in range(warmup + steps):
         if step == warmup:
             synchronize(device)
@@ -190,6 +215,7 @@ def train_model_only(model, batch_size, warmup, steps, device, precision) -> flo
         optimizer.zero_grad(set_to_none=True)
     synchronize(device)
     seconds = time.perf_counter() - started
+    check.require(precision, "(c) the model alone")
     del optimizer, pixel_values, labels
     free_memory()
     return steps * batch_size / seconds
@@ -313,15 +339,18 @@ def main() -> dict:
         largest = max(args.batch_size + [args.study_batch_size])
         needed = max((args.warmup + args.steps) * largest, (args.data_batches + 2) * largest)
         raw = synthetic_medmnist(workdir, images=min(max(needed, 1024), 20000))
-        model = build_model(args.model, top_layers, image_size=224, attn_implementation=args.attn_implementation)
-        trainable, total = count_parameters(model)
+        def new_model():  # one per measurement: see build_model
+            free_memory()
+            return build_model(args.model, top_layers, image_size=224, attn_implementation=args.attn_implementation)
+
+        trainable, total = count_parameters(new_model())
         report.update(trainable_parameters=trainable, total_parameters=total)
         processor = BeitImageProcessor(size={"height": 224, "width": 224})
         log(f"data: {len(raw['train'])} train images 28x28; model: {trainable:,} of {total:,} parameters trained")
 
         if "study" not in args.skip:
             log(f"(a) study path, fp32, batch {args.study_batch_size} ...")
-            report["study_images_per_s"] = train_study_path(model, raw, processor, args.study_batch_size, args.warmup,
+            report["study_images_per_s"] = train_study_path(new_model(), raw, processor, args.study_batch_size, args.warmup,
                                                             args.steps, device, workdir)
             report["study_batch_size"] = args.study_batch_size
             log(f"    {report['study_images_per_s']:.1f} images/s")
@@ -330,11 +359,11 @@ def main() -> dict:
             row = {"batch_size": batch_size}
             if "model" not in args.skip:
                 log(f"(c) model only, {precision}, batch {batch_size} ...")
-                row["model_only_images_per_s"] = train_model_only(model, batch_size, args.warmup, args.steps, device, precision)
+                row["model_only_images_per_s"] = train_model_only(new_model(), batch_size, args.warmup, args.steps, device, precision)
                 log(f"    {row['model_only_images_per_s']:.1f} images/s")
             if "ours" not in args.skip:
                 log(f"(b) our Trainer + fast path, {precision}, batch {batch_size} ...")
-                row["ours_images_per_s"] = train_our_path(model, raw, processor, batch_size, args.warmup, args.steps,
+                row["ours_images_per_s"] = train_our_path(new_model(), raw, processor, batch_size, args.warmup, args.steps,
                                                           device, workdir, precision, overrides=args.trainer_overrides)
                 log(f"    {row['ours_images_per_s']:.1f} images/s")
             if "ours_images_per_s" in row and "study_images_per_s" in report:
@@ -346,7 +375,7 @@ def main() -> dict:
         if args.compile:
             batch_size = max(args.batch_size)
             log(f"(b) with torch_compile, batch {batch_size} (compiling takes a while) ...")
-            rate = train_our_path(model, raw, processor, batch_size, max(args.warmup, 3), args.steps, device, workdir,
+            rate = train_our_path(new_model(), raw, processor, batch_size, max(args.warmup, 3), args.steps, device, workdir,
                                   precision, compile_model=True)
             report["compiled"] = {"batch_size": batch_size, "ours_images_per_s": rate}
             log(f"    {rate:.1f} images/s")
@@ -357,7 +386,7 @@ def main() -> dict:
                 f"{report['data_path']['processor_images_per_s']:.0f} images/s")
         if "inference" not in args.skip:
             log("inference: Trainer.predict (fast path) vs pipeline per image ...")
-            report["inference"] = inference(model, raw, processor, device, precision, workdir,
+            report["inference"] = inference(new_model(), raw, processor, device, precision, workdir,
                                             args.inference_images, args.pipeline_images)
             log(f"    ours {report['inference']['ours_images_per_s']:.0f} vs pipeline "
                 f"{report['inference']['pipeline_images_per_s']:.0f} images/s")

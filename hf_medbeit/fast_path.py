@@ -17,6 +17,12 @@ processor on the CPU inside the data loader: per-image Python work that starves 
 Grayscale images stay one channel until after the resize: ``convert("RGB")`` copies the gray
 value into three channels, so resizing once and broadcasting in the normalisation is the same
 result for a third of the work.
+
+On the CPU, torchvision's uint8 resize (the processor's own kernel, so the results match it
+bit for bit) is vectorised over the interleaved channels of a channels-last image and slow on
+planar ones: pixels are kept channels-last (``(N, H, W, C)`` in memory), and gray batches are
+resized four images at a time as the R, G, B, A planes of one image. Each plane is resized on its
+own, so the result is identical, about 7x faster than one plane per image (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -125,6 +131,11 @@ class DevicePreprocessor:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected uint8 images (B, 1|3, H, W), got {images.dtype} {tuple(images.shape)}")
+        batch_size, on_cpu = images.shape[0], images.device.type == "cpu"
+        # Four gray images as the planes of one RGBA image: see the module docstring.
+        packed = on_cpu and self.do_resize and images.shape[1] == 1
+        if packed:
+            images = pack_gray_planes(images)
         # Autocast must not touch these ops: the processor works in float32 and so do we.
         with torch.autocast(images.device.type, enabled=False):
             if self.do_resize:
@@ -136,10 +147,28 @@ class DevicePreprocessor:
             if self.do_center_crop:
                 images = tvF.center_crop(images, list(self.crop_size))
             scale, shift = self._scale_shift(images.device)
-            # Broadcasting a (B, 1, H, W) gray batch against 3 channels is convert("RGB"). On the
-            # CPU, uint8 x float32 promotes on the fly (no float copy of the batch first: about 2x
-            # faster there); elsewhere the explicit cast is cheap.
-            return torch.addcmul(shift, images if images.device.type == "cpu" else images.float(), scale)
+            # On the CPU, uint8 x float32 promotes on the fly (no float copy of the batch first:
+            # about 2x faster there); elsewhere the explicit cast is cheap.
+            pixels = images if on_cpu else images.float()
+            height, width = images.shape[-2:]
+            if packed:
+                # (G, 4, H, W) planes -> (G, 4, 1, H, W) against 3 channels: image 4g + p, in order.
+                out = torch.empty((images.shape[0], 4, 3, height, width), dtype=torch.float32)
+                torch.addcmul(shift.unsqueeze(1), pixels.unsqueeze(2), scale.unsqueeze(1), out=out)
+                return out.view(-1, 3, height, width)[:batch_size]
+            # A contiguous (B, 3, H, W) result whatever the input's memory layout; broadcasting a
+            # (B, 1, H, W) gray batch against 3 channels is convert("RGB").
+            out = torch.empty((batch_size, 3, height, width), dtype=torch.float32, device=images.device)
+            return torch.addcmul(shift, pixels, scale, out=out)
+
+
+def pack_gray_planes(images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) -> (ceil(B / 4), 4, H, W) channels-last: image 4g + p is plane p of image g
+    (the last group padded with black images, which the caller drops after the resize)."""
+    padding = -images.shape[0] % 4
+    if padding:
+        images = torch.cat([images, images.new_zeros((padding, *images.shape[1:]))])
+    return images.reshape(-1, 4, *images.shape[-2:]).contiguous(memory_format=torch.channels_last)
 
 
 def processor_supported(image_processor) -> str | None:
@@ -156,11 +185,11 @@ def processor_supported(image_processor) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _channels_first(batch: np.ndarray) -> np.ndarray:
-    # MedMNIST stores (N, H, W) gray or (N, H, W, 3) RGB; the model wants channels first.
-    if batch.ndim == 3:
-        return batch[:, None]
-    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+def _channels_first(batch: np.ndarray) -> torch.Tensor:
+    """MedMNIST's (N, H, W) gray or (N, H, W, 3) RGB as an (N, C, H, W) tensor, channels-last in
+    memory (a view, no copy): the layout the CPU resize is fast on (module docstring)."""
+    batch = torch.from_numpy(np.ascontiguousarray(batch))
+    return (batch[..., None] if batch.ndim == 3 else batch).permute(0, 3, 1, 2)
 
 
 def _label_tensor(labels) -> torch.Tensor:
@@ -187,9 +216,10 @@ class UInt8ImageDataset(torch.utils.data.Dataset):
 
     def _decode_all(self) -> torch.Tensor:
         images = torch.empty((len(self.dataset), *self.image_shape), dtype=torch.uint8)
+        images = images.contiguous(memory_format=torch.channels_last)  # batches keep this layout
         for start in range(0, len(self.dataset), DECODE_CHUNK_ROWS):
             chunk = self.dataset[start : start + DECODE_CHUNK_ROWS]["image"]
-            images[start : start + len(chunk)] = torch.from_numpy(_channels_first(chunk))
+            images[start : start + len(chunk)] = _channels_first(chunk)
         return images
 
     def __len__(self) -> int:
@@ -201,7 +231,7 @@ class UInt8ImageDataset(torch.utils.data.Dataset):
         if self.images is not None:
             pixels = self.images[index]
         else:
-            pixels = torch.from_numpy(_channels_first(self.dataset[list(map(int, indices))]["image"]))
+            pixels = _channels_first(self.dataset[list(map(int, indices))]["image"])
         return {"pixel_values": pixels, "labels": self.labels[index]}
 
     def __getitem__(self, index: int) -> dict:

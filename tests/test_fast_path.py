@@ -60,6 +60,23 @@ def test_rgb_and_larger_images_match(synthetic_root, cache_dir, flag, size):
     )
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_batch_size_gives_the_per_image_result_contiguous(channels):
+    # Gray batches are resized four images to one RGBA image on the CPU, the last group padded;
+    # RGB batches arrive channels-last. Each image must come out as if resized on its own, and the
+    # batch as a plain contiguous (B, 3, H, W) float tensor.
+    processor = BeitImageProcessor(size={"height": 40, "width": 40})
+    preprocess = DevicePreprocessor(processor)
+    generator = torch.Generator().manual_seed(0)
+    hwc = torch.randint(0, 256, (9, 28, 28, channels), dtype=torch.uint8, generator=generator)
+    images = hwc.permute(0, 3, 1, 2)  # channels-last, as UInt8ImageDataset hands them out
+    one_by_one = torch.cat([preprocess(image[None].contiguous()) for image in images])
+    for batch_size in range(1, 10):
+        batch = preprocess(images[:batch_size])
+        assert batch.shape == (batch_size, 3, 40, 40) and batch.is_contiguous()
+        assert torch.equal(batch, one_by_one[:batch_size])
+
+
 def test_single_examples_and_lazy_decoding_agree(breast_root, cache_dir):
     raw, _, _ = load_medmnist("breastmnist", data_dir=breast_root, cache_dir=cache_dir)
     eager, lazy = UInt8ImageDataset(raw["test"], in_memory=True), UInt8ImageDataset(raw["test"], in_memory=False)
