@@ -30,7 +30,9 @@ from .metrics import metric_key
 from .training import RECORDED_HYPERPARAMETERS
 
 CARD_FILE = "README.md"
-MODEL_CARDS_DIR = Path(__file__).resolve().parents[1] / "model_cards"
+# The repository's top-level model_cards/, through the package's link to it, so that an installed
+# wheel (which carries the template and the table as package data) finds them too.
+MODEL_CARDS_DIR = Path(__file__).resolve().parent / "model_cards"
 TEMPLATE = MODEL_CARDS_DIR / "model_card_template.md"
 REFERENCE_TABLE = MODEL_CARDS_DIR / "medmnist_v2_reference.json"
 

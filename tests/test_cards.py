@@ -157,3 +157,25 @@ def test_committed_example_card_parses_with_model_index():
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card.content):
         assert (example / image).exists()
     assert "random initialisation" in card.content  # says honestly what it is
+
+
+@pytest.mark.e2e
+def test_an_installed_wheel_carries_the_card_template(tmp_path):
+    # The template lives at the repository's top level; a wheel must still carry it, or a
+    # non-editable install could train but not write its card.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "wheel"), str(root)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("hf_medbeit-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)],
+                   check=True, capture_output=True)
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); from hf_medbeit import cards; "
+             "print(cards.TEMPLATE.resolve(strict=True)); print(len(cards.reference_rows('breastmnist')[0]))")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "site")], check=True, capture_output=True, text=True).stdout
+    template_path, reference_rows = out.splitlines()
+    assert template_path.startswith(str(tmp_path / "site")), out
+    assert int(reference_rows) > 0
