@@ -39,12 +39,18 @@ from PIL import Image
 from transformers import BeitImageProcessor
 from hf_medbeit.fast_path import DevicePreprocessor
 device = "cuda" if torch.cuda.is_available() else "cpu"
-images = np.random.default_rng(0).integers(0, 256, size=(64, 28, 28), dtype=np.uint8)
 processor = BeitImageProcessor()
-expected = processor([Image.fromarray(i).convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
-actual = DevicePreprocessor(processor)(torch.from_numpy(images)[:, None].to(device)).cpu()
-print(f"parity on {device}: max |fast - processor| = {(actual - expected).abs().max().item():.3g} "
-      f"(one uint8 step = {1 / 127.5:.3g}); mean {(actual - expected).abs().mean().item():.3g}")
+rng = np.random.default_rng(0)
+# Gray (N, H, W) and RGB (N, H, W, 3), handed over channels-last as UInt8ImageDataset does.
+for kind, images in (("gray", rng.integers(0, 256, size=(64, 28, 28), dtype=np.uint8)),
+                     ("rgb", rng.integers(0, 256, size=(64, 28, 28, 3), dtype=np.uint8))):
+    expected = processor([Image.fromarray(i).convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+    batch = torch.from_numpy(images)
+    batch = (batch[..., None] if batch.ndim == 3 else batch).permute(0, 3, 1, 2)
+    actual = DevicePreprocessor(processor)(batch.to(device)).cpu()
+    print(f"parity on {device}, {kind}: max |fast - processor| = {(actual - expected).abs().max().item():.3g} "
+          f"(one uint8 step = {1 / 127.5:.3g}); mean {(actual - expected).abs().mean().item():.3g}; "
+          f"contiguous {actual.is_contiguous()}")
 EOF
 
 if [[ -n "${BENCH_TINY:-}" ]]; then  # CPU rehearsal: same commands, tiny model, few steps
