@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise
     finally:
         stop_on_signal.uninstall()
-    if stop_on_signal.received is not None:
+    # All processes decide together (a signal may have come after the last step end on one only).
+    if stop_on_signal.agree(training_args) is not None:
+        trainer.accelerator.wait_for_everyone()  # no process exits while another still saves
         raise TrainingInterrupted(
             f"interrupted at step {trainer.state.global_step}; checkpoint saved in "
             f"{last_complete_checkpoint(training_args.output_dir)}: run the same command again to resume",

@@ -57,13 +57,21 @@ def last_complete_checkpoint(output_dir: str, remove_incomplete: bool = False) -
 class StopOnSignal(TrainerCallback):
     """On SIGINT or SIGTERM: save a checkpoint at the end of the current step and stop training.
 
-    A second signal falls through to the default behaviour (a second Ctrl-C kills at once).
+    A second signal to the same process falls through to the default behaviour (a second Ctrl-C
+    kills at once).
+
+    Under ``accelerate launch`` with several processes, a launcher may deliver the signal to one
+    process, or to each at a slightly different moment. A process that stopped alone would leave
+    the others waiting forever in the next collective (gradient all-reduce, checkpoint barrier). So
+    the processes agree at every step end: each stops for the highest signal any of them got
+    (one all-reduce of one integer per step; none in a single process).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.received: int | None = None
+        self.received: int | None = None  # the first signal this process got
+        self.agreed: int | None = None  # the signal every process stops for
         self._previous = {}
 
     def install(self) -> "StopOnSignal":
@@ -84,8 +92,22 @@ class StopOnSignal(TrainerCallback):
         self.received = signum
         logger.warning("Received %s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
 
+    def agree(self, args) -> int | None:
+        """The signal all processes stop for, or None. Every process must call this at the same
+        point (a step end, or after training), since it is a collective in multi-process runs."""
+        signum = self.received or 0
+        if args.world_size > 1:
+            flag = torch.tensor([signum], dtype=torch.int64, device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag.item())
+            if signum and self.received is None:
+                logger.warning("Another process received %s: saving a checkpoint after this step, then stopping",
+                               signal.Signals(signum).name)
+        self.agreed = signum or None
+        return self.agreed
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        if self.agree(args) is not None:
             control.should_save = True
             control.should_training_stop = True
             # Interrupted runs keep their checkpoints; the last one is what a resume needs.
@@ -94,7 +116,8 @@ class StopOnSignal(TrainerCallback):
 
     @property
     def exit_code(self) -> int:
-        return 128 + int(self.received) if self.received is not None else 0
+        signum = self.agreed or self.received
+        return 128 + int(signum) if signum else 0
 
 
 def _bytes_per_checkpoint(model: torch.nn.Module) -> int:

@@ -261,3 +261,67 @@ def test_run_killed_before_its_first_checkpoint_starts_again(tmp_path):
     model_args, data_args, training_args = parse_args(["--output_dir", str(out), "--report_to", "none"])
     assert resolve_run_folder(model_args, data_args, training_args) is None
     assert list(out.iterdir()) == []
+
+
+def _pid_of_rank(rank: int, marker: str, timeout: float = 120) -> int:
+    """The process of MPI rank ``rank`` whose command line holds ``marker`` (found through /proc)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if marker.encode() not in (entry / "cmdline").read_bytes():
+                    continue
+                environment = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:  # gone, or not ours to read
+                continue
+            if f"OMPI_COMM_WORLD_RANK={rank}".encode() in environment:
+                return int(entry.name)
+        time.sleep(0.5)
+    raise AssertionError(f"no process of rank {rank} running {marker}")
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    """Under accelerate launch, a signal that reaches one process only must not leave the other
+    waiting forever in the next collective: both stop at the same step, after one checkpoint."""
+    import shutil
+
+    assert shutil.which("mpirun"), "mpirun not found: install Open MPI (apt-get install openmpi-bin)"
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    script = str(REPO / "scripts" / "train.py")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        "--mpirun_hostfile", str(REPO / "configs" / "accelerate" / "cpu_hostfile"),
+        script, *RUN, "--output_dir", str(out), "--dataset_cache_dir", str(cache),
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    # Its own session, so that a failed test can kill the launcher, mpirun and both ranks at once.
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        run_until_step(process, random.randint(12, 30))
+        os.kill(_pid_of_rank(1, str(out)), signal.SIGTERM)  # rank 1 only; rank 0 logs the steps
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the run hung after one of its two processes got SIGTERM") from None
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    output = stdout + stderr
+    assert process.returncode != 0, output[-3000:]
+    assert "Another process received SIGTERM" in output, output[-3000:]  # rank 0 learnt it from rank 1
+    steps = {int(line.split("interrupted at step ")[1].split(";")[0])
+             for line in output.splitlines() if line.startswith("hf-medbeit: stopped: interrupted at step")}
+    assert len(steps) == 1, output[-3000:]  # one step, whichever process said it
+    (step,) = steps
+    assert (out / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert not (out / "all_results.json").exists()
+
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "Resuming from" in result.stdout + result.stderr
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["hyperparameters"]["world_size"] == 2
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 40
