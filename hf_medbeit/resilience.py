@@ -64,7 +64,7 @@ class StopOnSignal(TrainerCallback):
     process, or to each at a slightly different moment. A process that stopped alone would leave
     the others waiting forever in the next collective (gradient all-reduce, checkpoint barrier). So
     the processes agree at every step end: each stops for the highest signal any of them got
-    (one all-reduce of one integer per step; none in a single process).
+    (one all-reduce of one integer per step, on the host; none in a single process).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -73,6 +73,7 @@ class StopOnSignal(TrainerCallback):
         self.received: int | None = None  # the first signal this process got
         self.agreed: int | None = None  # the signal every process stops for
         self._previous = {}
+        self._group = None
 
     def install(self) -> "StopOnSignal":
         for signum in self.SIGNALS:
@@ -97,14 +98,23 @@ class StopOnSignal(TrainerCallback):
         point (a step end, or after training), since it is a collective in multi-process runs."""
         signum = self.received or 0
         if args.world_size > 1:
-            flag = torch.tensor([signum], dtype=torch.int64, device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            flag = torch.tensor([signum], dtype=torch.int64)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._cpu_group())
             signum = int(flag.item())
             if signum and self.received is None:
                 logger.warning("Another process received %s: saving a checkpoint after this step, then stopping",
                                signal.Signals(signum).name)
         self.agreed = signum or None
         return self.agreed
+
+    def _cpu_group(self):
+        # On the host, so the check never waits for the GPU: the world group where it is gloo
+        # already (CPU runs), else a gloo group beside NCCL (created once, by every process alike).
+        if self._group is None:
+            distributed = torch.distributed
+            self._group = (distributed.group.WORLD if distributed.get_backend() == "gloo"
+                           else distributed.new_group(backend="gloo"))
+        return self._group
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.agree(args) is not None:
