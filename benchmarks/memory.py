@@ -61,8 +61,9 @@ def write_synthetic_npz(path: Path, flag: str, images: int, size: int, seed: int
             _write_member(archive, f"{prefix}_labels", labels.shape, lambda s, c, labels=labels: labels[s : s + c])
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+def peak_rss_gib(who=resource.RUSAGE_SELF) -> float:
+    # RUSAGE_CHILDREN: the largest finished child (the .npz writer, the --num_proc converters).
+    return resource.getrusage(who).ru_maxrss / 1024**2  # Linux reports KiB
 
 
 def main() -> None:
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batches", type=int, default=20, help="Model-ready batches drawn after preparing.")
     parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--num_proc", type=int, default=None, help="Processes for the conversion (--preprocessing_num_workers).")
     parser.add_argument("--workdir", default=None, help="Where the .npz and the Arrow cache go (default: a temp dir).")
     args = parser.parse_args()
 
@@ -97,7 +99,8 @@ def main() -> None:
         from hf_medbeit.data_path import prepare_splits
 
         started = time.perf_counter()
-        raw, _, _ = load_medmnist(args.flag, size=args.size, data_dir=root, verify_md5=False, cache_dir=cache)
+        raw, _, _ = load_medmnist(args.flag, size=args.size, data_dir=root, verify_md5=False, cache_dir=cache,
+                                  num_proc=args.num_proc)
         timings["npz_to_datasetdict_s"] = round(time.perf_counter() - started, 1)
         rss_converted = peak_rss_gib()
 
@@ -116,12 +119,13 @@ def main() -> None:
                 break
         timings["batches_s"] = round(time.perf_counter() - started, 1)
         report = {
-            "flag": args.flag, "images": args.images, "size": args.size,
+            "flag": args.flag, "images": args.images, "size": args.size, "num_proc": args.num_proc,
             "npz_gib": round((root / name).stat().st_size / 1024**3, 2),
             "in_memory": {split: getattr(prepared, split).in_memory for split in ("train", "validation", "test")},
             "peak_rss_gib_at_start": round(rss_before, 2),
             "peak_rss_gib_after_conversion": round(rss_converted, 2),
             "peak_rss_gib": round(peak_rss_gib(), 2),
+            "peak_rss_gib_largest_child": round(peak_rss_gib(resource.RUSAGE_CHILDREN), 2),
             "batch_shape": list(pixels.shape),
             **timings,
         }

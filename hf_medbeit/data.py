@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -158,15 +159,17 @@ class _NpyMember:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def iter_chunks(self, rows: int = CHUNK_ROWS):
+    def iter_chunks(self, rows: int = CHUNK_ROWS, start: int = 0, stop: int | None = None):
+        """Rows ``start`` to ``stop`` (default: all), ``rows`` at a time."""
+        stop = len(self) if stop is None else stop
         row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         with self.archive.open(f"{self.key}.npy") as stream:
-            stream.seek(self.header_bytes)
-            for start in range(0, len(self), rows):
-                count = min(rows, len(self) - start)
+            stream.seek(self.header_bytes + start * row_bytes)
+            for first in range(start, stop, rows):
+                count = min(rows, stop - first)
                 buffer = stream.read(count * row_bytes)
                 if len(buffer) != count * row_bytes:
-                    raise EOFError(f"{self.key} ends after {start} rows of {len(self)}")
+                    raise EOFError(f"{self.key} ends after {first} rows of {len(self)}")
                 yield np.frombuffer(buffer, dtype=self.dtype).reshape(count, *self.shape[1:])
 
     def read(self) -> np.ndarray:
@@ -206,17 +209,27 @@ def _check_split_arrays(spec: MedMNISTSpec, path: Path, images: _NpyMember, labe
         )
 
 
-def _generate_examples(path: str, split_prefix: str, multi_label: bool):
-    # A module-level generator with plain arguments, so `datasets` can fingerprint it.
+def _generate_examples(path: str, split_prefix: str, multi_label: bool, row_ranges: list[list[int]]):
+    # A module-level generator with plain arguments, so `datasets` can fingerprint it. With
+    # num_proc, `datasets` hands each process a contiguous run of `row_ranges`, in order.
     with zipfile.ZipFile(path) as archive:
         images = _NpyMember(archive, f"{split_prefix}_images")
         labels = _NpyMember(archive, f"{split_prefix}_labels").read()
-        start = 0
-        for chunk in images.iter_chunks():
-            for offset, image in enumerate(chunk):
-                row = labels[start + offset]
-                yield {"image": image, "label": row.tolist() if multi_label else int(row[0])}
-            start += len(chunk)
+        for start, stop in row_ranges:
+            row_index = start
+            for chunk in images.iter_chunks(start=start, stop=stop):
+                for image in chunk:
+                    row = labels[row_index]
+                    yield {"image": image, "label": row.tolist() if multi_label else int(row[0])}
+                    row_index += 1
+
+
+def _row_ranges(rows: int, num_proc: int | None) -> list[list[int]]:
+    """[start, stop) ranges of a split's rows: one per process (one in all without num_proc).
+    Splits of a few chunks stay in one range: starting processes would cost more than it saves."""
+    parts = max(1, min(num_proc or 1, rows // CHUNK_ROWS))
+    bounds = np.linspace(0, rows, parts + 1).astype(int).tolist()
+    return [[start, stop] for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
 def file_md5(path: str | os.PathLike) -> str:
@@ -261,12 +274,14 @@ def load_medmnist(
     download: bool = False,
     verify_md5: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    num_proc: int | None = None,
 ) -> tuple[datasets.DatasetDict, MedMNISTSpec, str]:
     """Return the MedMNIST data set ``flag`` at ``size`` as a ``DatasetDict``, its spec and the file's MD5.
 
     ``data_dir`` is the folder holding MedMNIST's ``.npz`` files (medmnist's own default root when
     None). With ``verify_md5`` the file must match the MD5 in ``medmnist.INFO``; turn it off only
-    for your own files in MedMNIST's format.
+    for your own files in MedMNIST's format. ``num_proc`` processes convert a file that is not
+    cached yet (the cache is the same whatever the number).
     """
     spec = get_spec(flag, size)
     root = Path(data_dir if data_dir is not None else DEFAULT_ROOT).expanduser()
@@ -299,7 +314,7 @@ def load_medmnist(
     # Build and save next to the final place, then rename: a crash never leaves a half cache.
     staging = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cache_root))
     try:
-        _convert(spec, path, work_dir=staging / "work").save_to_disk(str(staging / "data"))
+        _convert(spec, path, work_dir=staging / "work", num_proc=num_proc).save_to_disk(str(staging / "data"))
         try:
             os.replace(staging / "data", cached)
         except OSError:
@@ -310,23 +325,29 @@ def load_medmnist(
     return datasets.load_from_disk(str(cached)), spec, md5
 
 
-def _convert(spec: MedMNISTSpec, path: Path, work_dir: Path) -> datasets.DatasetDict:
-    """Stream the archive into Arrow files under ``work_dir``, one chunk of rows at a time."""
+def _convert(spec: MedMNISTSpec, path: Path, work_dir: Path, num_proc: int | None = None) -> datasets.DatasetDict:
+    """Stream the archive into Arrow files under ``work_dir``, one chunk of rows at a time; with
+    ``num_proc``, each split's rows are cut into that many ranges, converted in parallel (PNG
+    encoding is most of the time). The result is the same, row for row."""
     features = features_for(spec)
-    splits = {}
+    splits, rows = {}, {}
     try:
         with zipfile.ZipFile(path) as archive:
             for prefix in SPLITS.values():
                 images = _NpyMember(archive, f"{prefix}_images")
                 labels = _NpyMember(archive, f"{prefix}_labels").read()
                 _check_split_arrays(spec, path, images, labels, prefix)
+                rows[prefix] = len(images)
         for split, prefix in SPLITS.items():
+            row_ranges = _row_ranges(rows[prefix], num_proc)
             dataset = datasets.Dataset.from_generator(
                 _generate_examples,
                 features=features,
                 cache_dir=str(work_dir),
-                gen_kwargs={"path": str(path), "split_prefix": prefix, "multi_label": spec.is_multi_label},
+                gen_kwargs={"path": str(path), "split_prefix": prefix, "multi_label": spec.is_multi_label,
+                            "row_ranges": row_ranges},
                 split=datasets.NamedSplit(split),
+                num_proc=len(row_ranges) if len(row_ranges) > 1 else None,
             )
             dataset.info.description = f"{spec.flag} ({spec.size}x{spec.size}): {spec.description}"
             dataset.info.license = spec.license
@@ -337,9 +358,21 @@ def _convert(spec: MedMNISTSpec, path: Path, work_dir: Path) -> datasets.Dataset
     except (zipfile.BadZipFile, EOFError, KeyError, ValueError, OSError) as error:
         raise _corrupt(path, f"{type(error).__name__}: {error}") from error
     except datasets.exceptions.DatasetGenerationError as error:
-        cause = error.__cause__ or error
-        raise _corrupt(path, f"{type(cause).__name__}: {cause}") from error
+        raise _corrupt(path, _root_cause(error)) from error
     return datasets.DatasetDict(splits)
+
+
+def _root_cause(error: BaseException) -> str:
+    """``Type: message`` of what went wrong while generating. In one process that is the error's
+    cause. From a ``num_proc`` worker the cause arrives only as the worker's traceback text, whose
+    first block ends with the original error's line."""
+    cause = error.__cause__ or error
+    if type(cause).__name__ != "RemoteTraceback":
+        return f"{type(cause).__name__}: {cause}"
+    first_block = re.split(r"\n(?:The above exception was the direct cause|During handling of the above exception)",
+                           str(cause))[0]
+    lines = [line.strip() for line in first_block.strip().strip('"').splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         download=data_args.download,
         verify_md5=not data_args.skip_md5_check,
         cache_dir=data_args.dataset_cache_dir,
+        num_proc=data_args.preprocessing_num_workers,
     )
     train_split, validation_split, test_split = raw["train"], raw["validation"], raw["test"]
     if data_args.max_train_samples is not None:

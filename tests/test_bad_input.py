@@ -85,6 +85,35 @@ def test_truncated_npz(tmp_path, skip_md5):
     assert_nothing_written(out, cache)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_damaged_member_inside_the_archive(tmp_path, workers):
+    # A byte run flipped inside a compressed member: found while streaming (the CRC), in the
+    # conversion's worker processes too, and still reported in one line.
+    import zipfile
+
+    root = tmp_path / "root"
+    path = write_medmnist_npz(root / "dermamnist.npz", "dermamnist", counts=(2200, 8, 14))  # 2 ranges of rows
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        member = archive.getinfo("train_images.npy")
+    middle = member.header_offset + 100 + member.compress_size * 3 // 4
+    data[middle : middle + 64] = bytes(byte ^ 0xFF for byte in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    result = run_cli(*train_args(root, out, cache, "--dataset_name", "dermamnist", "--skip_md5_check", "true",
+                                 "--preprocessing_num_workers", workers))
+    assert_one_line_error(result, "dermamnist.npz is truncated or not a valid MedMNIST .npz", "Bad CRC-32",
+                          "train_images.npy", "download it again")
+    assert_nothing_written(out, cache)
+
+
+def test_preprocessing_workers_must_be_positive(tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    result = run_cli(*train_args(DATA, out, cache, "--dataset_name", "breastmnist", "--preprocessing_num_workers", "0"))
+    assert_one_line_error(result, "--preprocessing_num_workers must be 1 or more, not 0")
+    assert_nothing_written(out, cache)
+
+
 def test_missing_file_with_downloads_off(tmp_path):
     root = tmp_path / "empty"
     root.mkdir()

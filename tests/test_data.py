@@ -78,8 +78,8 @@ def test_conversion_streams_in_chunks(monkeypatch, synthetic_root, cache_dir):
     seen = []
     original = data._NpyMember.iter_chunks
 
-    def spy(self, rows=None):
-        for chunk in original(self, 5):
+    def spy(self, rows=None, **kwargs):
+        for chunk in original(self, 5, **kwargs):
             seen.append(len(chunk))
             yield chunk
 
@@ -88,6 +88,24 @@ def test_conversion_streams_in_chunks(monkeypatch, synthetic_root, cache_dir):
     dataset, _, _ = load_medmnist("dermamnist", 28, data_dir=root, verify_md5=False, cache_dir=cache_dir)
     assert len(dataset["train"]) == 23
     assert max(seen) == 5
+
+
+def test_parallel_conversion_gives_the_same_rows_in_order(monkeypatch, synthetic_root, tmp_path):
+    import hf_medbeit.data as data
+
+    monkeypatch.setattr(data, "CHUNK_ROWS", 5)  # so that 23 rows make several ranges
+    assert data._row_ranges(23, 3) == [[0, 7], [7, 15], [15, 23]] and data._row_ranges(23, None) == [[0, 23]]
+    assert data._row_ranges(8, 4) == [[0, 8]]  # under two chunks: not worth a second process
+    root = synthetic_root("dermamnist", 28, counts=(23, 4, 12))
+    raw = np.load(root / "dermamnist.npz", allow_pickle=False)
+    serial, _, _ = load_medmnist("dermamnist", data_dir=root, verify_md5=False, cache_dir=tmp_path / "serial")
+    parallel, _, _ = load_medmnist("dermamnist", data_dir=root, verify_md5=False, cache_dir=tmp_path / "parallel",
+                                   num_proc=3)
+    for split, prefix in (("train", "train"), ("validation", "val"), ("test", "test")):
+        for dataset in (serial, parallel):
+            images = np.stack([np.asarray(image) for image in dataset[split]["image"]])
+            np.testing.assert_array_equal(images, raw[f"{prefix}_images"])
+            np.testing.assert_array_equal(dataset[split]["label"], raw[f"{prefix}_labels"][:, 0])
 
 
 def test_undersampling_to_the_study_ratio(cache_dir):
