@@ -215,8 +215,8 @@ class UInt8ImageDataset(torch.utils.data.Dataset):
         self.images = self._decode_all() if self.in_memory else None
 
     def _decode_all(self) -> torch.Tensor:
-        images = torch.empty((len(self.dataset), *self.image_shape), dtype=torch.uint8)
-        images = images.contiguous(memory_format=torch.channels_last)  # batches keep this layout
+        # Channels-last, the layout the CPU resize is fast on; indexed batches keep it.
+        images = torch.empty((len(self.dataset), *self.image_shape), dtype=torch.uint8, memory_format=torch.channels_last)
         for start in range(0, len(self.dataset), DECODE_CHUNK_ROWS):
             chunk = self.dataset[start : start + DECODE_CHUNK_ROWS]["image"]
             images[start : start + len(chunk)] = _channels_first(chunk)
