@@ -64,7 +64,8 @@ class StopOnSignal(TrainerCallback):
     process, or to each at a slightly different moment. A process that stopped alone would leave
     the others waiting forever in the next collective (gradient all-reduce, checkpoint barrier). So
     the processes agree at every step end: each stops for the highest signal any of them got
-    (one all-reduce of one integer per step, on the host; none in a single process).
+    (one all-reduce of one integer per step, on the host where possible; none in a single
+    process).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -73,7 +74,7 @@ class StopOnSignal(TrainerCallback):
         self.received: int | None = None  # the first signal this process got
         self.agreed: int | None = None  # the signal every process stops for
         self._previous = {}
-        self._group = None
+        self._channel_choice = None
 
     def install(self) -> "StopOnSignal":
         for signum in self.SIGNALS:
@@ -98,8 +99,9 @@ class StopOnSignal(TrainerCallback):
         point (a step end, or after training), since it is a collective in multi-process runs."""
         signum = self.received or 0
         if args.world_size > 1:
-            flag = torch.tensor([signum], dtype=torch.int64)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._cpu_group())
+            group, device = self._channel(args)
+            flag = torch.tensor([signum], dtype=torch.int64, device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
             signum = int(flag.item())
             if signum and self.received is None:
                 logger.warning("Another process received %s: saving a checkpoint after this step, then stopping",
@@ -107,14 +109,24 @@ class StopOnSignal(TrainerCallback):
         self.agreed = signum or None
         return self.agreed
 
-    def _cpu_group(self):
-        # On the host, so the check never waits for the GPU: the world group where it is gloo
-        # already (CPU runs), else a gloo group beside NCCL (created once, by every process alike).
-        if self._group is None:
+    def _channel(self, args) -> tuple:
+        """(process group, device) for the per-step flag, chosen once, the same in every process.
+
+        On the host where possible, so that the check never waits for the GPU: the world group
+        when it is gloo already (CPU runs); on one machine with NCCL, a gloo group beside it
+        (loopback, always reachable). Across machines, gloo might pick a network interface that
+        NCCL was told to avoid, so the flag goes through the world group on the training device,
+        at the price of one host-device sync per step."""
+        if self._channel_choice is None:
             distributed = torch.distributed
-            self._group = (distributed.group.WORLD if distributed.get_backend() == "gloo"
-                           else distributed.new_group(backend="gloo"))
-        return self._group
+            single_machine = os.environ.get("LOCAL_WORLD_SIZE") == str(args.world_size)
+            if distributed.get_backend() == "gloo":
+                self._channel_choice = (distributed.group.WORLD, torch.device("cpu"))
+            elif single_machine:
+                self._channel_choice = (distributed.new_group(backend="gloo"), torch.device("cpu"))
+            else:
+                self._channel_choice = (distributed.group.WORLD, args.device)
+        return self._channel_choice
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.agree(args) is not None:

@@ -6,6 +6,7 @@ import signal
 from types import SimpleNamespace
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from hf_medbeit.resilience import StopOnSignal
@@ -18,17 +19,34 @@ def one_process_group(tmp_path):
     dist.destroy_process_group()
 
 
-def test_a_gpu_run_agrees_on_the_host_through_a_gloo_group(one_process_group, monkeypatch):
-    # With NCCL as the world's backend the flag travels through a separate gloo group, so the
-    # per-step check never waits for the GPU. Here the world is gloo, told to look like NCCL.
-    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
-    stop = StopOnSignal()
-    group = stop._cpu_group()
-    assert group is not dist.group.WORLD and stop._cpu_group() is group  # made once
-    args = SimpleNamespace(world_size=2)  # take the multi-process path; the group has 1 rank
+def agree_twice(stop: StopOnSignal, args) -> None:
     assert stop.agree(args) is None
     stop.received = signal.SIGTERM
     assert stop.agree(args) == signal.SIGTERM and stop.exit_code == 143
+
+
+def test_one_gpu_machine_agrees_on_the_host_through_a_gloo_group(one_process_group, monkeypatch):
+    # With NCCL as the world's backend, on one machine, the flag travels through a separate gloo
+    # group, so the per-step check never waits for the GPU. Here the world is gloo, told to look
+    # like NCCL; the arguments take the multi-process path (the group itself has one rank).
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    stop = StopOnSignal()
+    args = SimpleNamespace(world_size=2, device=torch.device("cpu"))
+    group, device = stop._channel(args)
+    assert group is not dist.group.WORLD and device.type == "cpu"
+    assert stop._channel(args) == (group, device)  # chosen once
+    agree_twice(stop, args)
+
+
+def test_several_machines_agree_through_the_world_group_on_the_training_device(one_process_group, monkeypatch):
+    # Across machines gloo may choose another network interface than NCCL: the world group is used.
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    stop = StopOnSignal()
+    args = SimpleNamespace(world_size=2, device=torch.device("cpu"))  # stands in for cuda:N
+    assert stop._channel(args) == (dist.group.WORLD, args.device)
+    agree_twice(stop, args)
 
 
 def test_a_single_process_stops_for_its_own_signal_without_collectives():
