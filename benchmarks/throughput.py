@@ -294,6 +294,38 @@ def inference(model, raw, processor, device, precision, workdir, images: int, pi
             "ours_eval_batch_size": args.per_device_eval_batch_size, "ours_precision": precision, "pipeline_precision": "fp32"}
 
 
+def predict_command(model, raw, processor, device, workdir, images: int, pipeline_images: int) -> dict:
+    """``hf-medbeit predict`` on PNG files (read, RGB, batches of 64, fp32; the image processor
+    batched on the model's device) against ``pipeline`` called per file, same model and device."""
+    from hf_medbeit.predict import find_images, load_classifier, predict_files
+
+    folder = workdir / "predict_files"
+    folder.mkdir()
+    for index, image in enumerate(raw["test"].select(range(min(images, len(raw["test"]))))["image"]):
+        image.save(folder / f"{index:05d}.png")
+    model.save_pretrained(workdir / "predict_model")
+    processor.save_pretrained(workdir / "predict_model")
+    paths = find_images([str(folder)])
+    classifier = load_classifier(str(workdir / "predict_model"), device=str(device))
+    list(predict_files(classifier, paths[:64]))  # warm-up
+    synchronize(device)
+    started = time.perf_counter()
+    scored = sum(1 for _ in predict_files(classifier, paths))
+    synchronize(device)
+    ours = scored / (time.perf_counter() - started)
+    classify = transformers.pipeline("image-classification", model=str(workdir / "predict_model"), device=device)
+    for path in paths[:8]:
+        classify(str(path))
+    synchronize(device)
+    started = time.perf_counter()
+    for path in paths[:pipeline_images]:
+        classify(str(path))
+    synchronize(device)
+    plain = min(pipeline_images, len(paths)) / (time.perf_counter() - started)
+    return {"files": scored, "batch_size": 64, "ours_images_per_s": ours, "pipeline_images_per_s": plain,
+            "speedup": ours / plain}
+
+
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
@@ -310,7 +342,7 @@ def parse() -> argparse.Namespace:
                         help="Attention of (b) and (c); the study path (a) always runs eager, as BEiT did then.")
     parser.add_argument("--trainer_overrides", type=json.loads, default=None,
                         help='JSON of TrainingArguments fields for (b), e.g. \'{"max_grad_norm": 0}\' (diagnostics).')
-    parser.add_argument("--skip", nargs="*", default=[], choices=["study", "ours", "model", "data", "inference"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["study", "ours", "model", "data", "inference", "predict"])
     parser.add_argument("--data_batches", type=int, default=20, help="Batches timed for the data-path-only measurement.")
     parser.add_argument("--data_warmup", type=int, default=10, help="Untimed batches per path before them.")
     parser.add_argument("--inference_images", type=int, default=2048)
@@ -394,6 +426,12 @@ def main() -> dict:
                                             args.inference_images, args.pipeline_images)
             log(f"    ours {report['inference']['ours_images_per_s']:.0f} vs pipeline "
                 f"{report['inference']['pipeline_images_per_s']:.0f} images/s")
+        if "predict" not in args.skip:
+            log("hf-medbeit predict on PNG files vs pipeline per file ...")
+            report["predict_command"] = predict_command(new_model(), raw, processor, device, workdir,
+                                                        args.inference_images, args.pipeline_images)
+            log(f"    ours {report['predict_command']['ours_images_per_s']:.0f} vs pipeline "
+                f"{report['predict_command']['pipeline_images_per_s']:.0f} images/s")
     print_table(report)
     print(json.dumps(report, indent=2))
     if args.out:
@@ -411,7 +449,7 @@ def print_table(report: dict) -> None:
         cells = [row.get(key) for key in ("ours_images_per_s", "model_only_images_per_s", "ours_over_study", "ours_over_model_only")]
         text = [f"{c:.1f}" if c is not None and i < 2 else (f"{c:.2f}" if c is not None else "-") for i, c in enumerate(cells)]
         print(f"| {row['batch_size']} | " + " | ".join(text) + " |")
-    for key in ("data_path", "inference"):
+    for key in ("data_path", "inference", "predict_command"):
         if key in report:
             r = report[key]
             other = "processor" if key == "data_path" else "pipeline"

@@ -142,7 +142,11 @@ def score_images(classifier: Classifier, images: list[Image.Image]) -> np.ndarra
     """(N, K) probabilities for a batch of RGB images."""
     import torch
 
-    inputs = classifier.processor(images, return_tensors="pt")
+    # transformers' torchvision-backed processors batch same-size images and, given `device`, resize
+    # and normalise them there (on a GPU, no per-image CPU work); other processors run as they are.
+    accepted = getattr(getattr(classifier.processor, "valid_kwargs", None), "__annotations__", {})
+    options = {"device": classifier.device} if "device" in accepted else {}
+    inputs = classifier.processor(images, return_tensors="pt", **options)
     pixel_values = inputs["pixel_values"].to(classifier.device)
     with torch.inference_mode():
         logits = classifier.model(pixel_values=pixel_values).logits.float()
