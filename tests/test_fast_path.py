@@ -88,6 +88,22 @@ def test_single_examples_and_lazy_decoding_agree(breast_root, cache_dir):
     assert batch["pixel_values"].shape == (3, 1, 28, 28) and batch["labels"].dtype == torch.long
 
 
+def test_lazy_split_through_loader_workers_gives_the_in_memory_batches(breast_root, cache_dir):
+    # Splits too large for RAM are decoded per batch in DataLoader workers (the GPU default):
+    # their channels-last batches cross process boundaries and must arrive unchanged.
+    raw, _, _ = load_medmnist("breastmnist", data_dir=breast_root, cache_dir=cache_dir)
+    lazy, eager = UInt8ImageDataset(raw["test"], in_memory=False), UInt8ImageDataset(raw["test"], in_memory=True)
+    loader = torch.utils.data.DataLoader(lazy, batch_size=64, num_workers=2, collate_fn=collate_uint8)
+    preprocess = DevicePreprocessor(BeitImageProcessor())
+    seen = 0
+    for batch in loader:
+        expected = eager.__getitems__(list(range(seen, seen + len(batch["labels"]))))
+        assert torch.equal(batch["pixel_values"], expected["pixel_values"])
+        assert torch.equal(preprocess(batch["pixel_values"]), preprocess(expected["pixel_values"]))
+        seen += len(batch["labels"])
+    assert seen == 156
+
+
 def test_unsupported_processor_falls_back_to_the_processor_path(breast_root, cache_dir):
     raw, _, _ = load_medmnist("breastmnist", data_dir=breast_root, cache_dir=cache_dir)
     convnext = ConvNextImageProcessor()  # resizes by crop_pct: not replicated
