@@ -101,6 +101,10 @@ def synthetic_medmnist(workdir: Path, images: int, seed: int = 0):
     return raw
 
 
+# What autocast runs each precision label in (fp32: no autocast).
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class PrecisionCheck:
     """Records the dtype of the classifier's output, to prove a measurement ran in the precision
     it is labelled with (autocast bf16 gives bf16 logits before accelerate casts them back)."""
@@ -111,7 +115,7 @@ class PrecisionCheck:
 
     def require(self, precision: str, what: str) -> None:
         self.handle.remove()
-        expected = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        expected = AUTOCAST_DTYPES.get(precision, torch.float32)
         if self.dtypes != {expected}:
             raise RuntimeError(f"{what} was to run in {precision} but its logits were {sorted(map(str, self.dtypes))}")
 
@@ -202,7 +206,7 @@ def train_model_only(model, batch_size, warmup, steps, device, precision) -> flo
     optimizer = torch.optim.AdamW(parameters, lr=3e-4, weight_decay=0.01, fused=device.type == "cuda")
     pixel_values = torch.randn(batch_size, 3, model.config.image_size, model.config.image_size, device=device)
     labels = torch.randint(0, 2, (batch_size,), device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = AUTOCAST_DTYPES.get(precision)
     check = PrecisionCheck(model)
     for step in range(warmup + steps):
         if step == warmup:
@@ -261,6 +265,18 @@ def data_path_only(raw, processor, batch_size, batches, device, warmup: int = 10
             "ours_images_per_s": ours_rate, "processor_images_per_s": study_rate, "speedup": ours_rate / study_rate}
 
 
+def pipeline_images_per_s(classify, inputs: list, device: torch.device, warmup: int = 8) -> float:
+    """A plain ``pipeline`` called once per image (PIL image or file path), as a user would loop."""
+    for item in inputs[:warmup]:
+        classify(item)
+    synchronize(device)
+    started = time.perf_counter()
+    for item in inputs:
+        classify(item)
+    synchronize(device)
+    return len(inputs) / (time.perf_counter() - started)
+
+
 def inference(model, raw, processor, device, precision, workdir, images: int, pipeline_images: int) -> dict:
     """Our ``Trainer.predict`` (fast path, eval batch 256, GPU defaults) vs ``pipeline`` per image."""
     test = raw["test"].select(range(min(images, len(raw["test"]))))
@@ -281,14 +297,7 @@ def inference(model, raw, processor, device, precision, workdir, images: int, pi
     model.eval()
     classify = transformers.pipeline("image-classification", model=model, image_processor=processor, device=device)
     pil_images = [image.convert("RGB") for image in raw["test"].select(range(pipeline_images))["image"]]
-    for image in pil_images[:8]:
-        classify(image)
-    synchronize(device)
-    started = time.perf_counter()
-    for image in pil_images:
-        classify(image)
-    synchronize(device)
-    plain = len(pil_images) / (time.perf_counter() - started)
+    plain = pipeline_images_per_s(classify, pil_images, device)
     return {"ours_images_per_s": ours, "pipeline_images_per_s": plain, "speedup": ours / plain,
             "ours_images": len(test), "pipeline_images": len(pil_images),
             "ours_eval_batch_size": args.per_device_eval_batch_size, "ours_precision": precision, "pipeline_precision": "fp32"}
@@ -314,14 +323,7 @@ def predict_command(model, raw, processor, device, workdir, images: int, pipelin
     synchronize(device)
     ours = scored / (time.perf_counter() - started)
     classify = transformers.pipeline("image-classification", model=str(workdir / "predict_model"), device=device)
-    for path in paths[:8]:
-        classify(str(path))
-    synchronize(device)
-    started = time.perf_counter()
-    for path in paths[:pipeline_images]:
-        classify(str(path))
-    synchronize(device)
-    plain = min(pipeline_images, len(paths)) / (time.perf_counter() - started)
+    plain = pipeline_images_per_s(classify, [str(path) for path in paths[:pipeline_images]], device)
     return {"files": scored, "batch_size": 64, "ours_images_per_s": ours, "pipeline_images_per_s": plain,
             "speedup": ours / plain}
 

@@ -112,6 +112,7 @@ class Classifier:
     processor: object
     device: str
     multi_label: bool
+    processor_options: dict  # extra arguments of every processor call
 
     @property
     def label_names(self) -> list[str]:
@@ -135,18 +136,18 @@ def load_classifier(model_ref: str, device: str | None = None, revision: str | N
         ) from error
     model.eval().to(device)
     multi_label = getattr(model.config, "problem_type", None) == "multi_label_classification"
-    return Classifier(model=model, processor=processor, device=device, multi_label=multi_label)
+    # transformers' torchvision-backed processors batch same-size images and, given `device`, resize
+    # and normalise them there (on a GPU, no per-image CPU work); other processors run as they are.
+    accepted = getattr(getattr(processor, "valid_kwargs", None), "__annotations__", {})
+    options = {"device": device} if "device" in accepted else {}
+    return Classifier(model=model, processor=processor, device=device, multi_label=multi_label, processor_options=options)
 
 
 def score_images(classifier: Classifier, images: list[Image.Image]) -> np.ndarray:
     """(N, K) probabilities for a batch of RGB images."""
     import torch
 
-    # transformers' torchvision-backed processors batch same-size images and, given `device`, resize
-    # and normalise them there (on a GPU, no per-image CPU work); other processors run as they are.
-    accepted = getattr(getattr(classifier.processor, "valid_kwargs", None), "__annotations__", {})
-    options = {"device": classifier.device} if "device" in accepted else {}
-    inputs = classifier.processor(images, return_tensors="pt", **options)
+    inputs = classifier.processor(images, return_tensors="pt", **classifier.processor_options)
     pixel_values = inputs["pixel_values"].to(classifier.device)
     with torch.inference_mode():
         logits = classifier.model(pixel_values=pixel_values).logits.float()
