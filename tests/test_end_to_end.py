@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import yaml
 from medmnist.evaluator import getACC, getAUC
 
-from conftest import DATA, REPO, TINY_BEIT, run_cli
+from conftest import DATA, REPO, TINY_BEIT, run_cli, two_cpu_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -86,22 +83,14 @@ def test_non_empty_output_dir_without_checkpoint_is_refused(tmp_path):
 
 def test_two_cpu_processes_under_accelerate(tmp_path):
     """accelerate launch with 2 CPU processes: one all_results.json, every test image exactly once."""
-    # accelerate starts several CPU processes through mpirun (Debian: openmpi-bin; .ci/run installs it).
-    assert shutil.which("mpirun"), "mpirun not found: install Open MPI (apt-get install openmpi-bin)"
     out = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
-        "--mpirun_hostfile", str(REPO / "configs" / "accelerate" / "cpu_hostfile"),
-        str(REPO / "scripts" / "train.py"),
+    command, env = two_cpu_processes(
         "--dataset_name", "breastmnist", "--data_dir", str(DATA), "--dataset_cache_dir", str(tmp_path / "cache"),
         "--model_type", "beit", "--config_overrides", TINY_BEIT, "--output_dir", str(out),
         "--max_steps", "4", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
         "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
         "--report_to", "none", "--disable_tqdm", "true",
-    ]
-    # Open MPI refuses to run as root unless told; CI runs as root.
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    )
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert sorted(p.name for p in tmp_path.rglob("all_results.json")) == ["all_results.json"]

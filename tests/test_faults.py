@@ -17,7 +17,7 @@ import pytest
 from hf_medbeit.arguments import ARGUMENT_CLASSES
 from hf_medbeit.outputs import atomic_path, write_json
 
-from conftest import DATA, REPO, TINY_BEIT, run_cli
+from conftest import DATA, REPO, TINY_BEIT, run_cli, two_cpu_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -285,18 +285,8 @@ def _pid_of_rank(rank: int, marker: str, timeout: float = 120) -> int:
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     """Under accelerate launch, a signal that reaches one process only must not leave the other
     waiting forever in the next collective: both stop at the same step, after one checkpoint."""
-    import shutil
-
-    assert shutil.which("mpirun"), "mpirun not found: install Open MPI (apt-get install openmpi-bin)"
     out, cache = tmp_path / "run", tmp_path / "cache"
-    script = str(REPO / "scripts" / "train.py")
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
-        "--mpirun_hostfile", str(REPO / "configs" / "accelerate" / "cpu_hostfile"),
-        script, *RUN, "--output_dir", str(out), "--dataset_cache_dir", str(cache),
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    command, env = two_cpu_processes(*RUN, "--output_dir", str(out), "--dataset_cache_dir", str(cache))
     # Its own session, so that a failed test can kill the launcher, mpirun and both ranks at once.
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
