@@ -6,9 +6,8 @@ A ``UserError`` (bad input the user can fix) becomes one line on stderr and exit
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 
-from .errors import UserError
+from .errors import run_with_user_errors
 
 USAGE = """usage: hf-medbeit COMMAND [ARGS]
 
@@ -18,14 +17,6 @@ commands:
   push     push a finished run folder to the Hugging Face Hub (hf-medbeit push --help)
   benchmark  one results table from finished run folders (hf-medbeit benchmark --help)
 """
-
-
-def run_with_user_errors(function: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
-    try:
-        function(sys.argv[1:] if argv is None else argv)
-    except UserError as error:
-        print(f"hf-medbeit: {error.label}: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
 
 
 def _train(argv: list[str]) -> None:

@@ -28,7 +28,7 @@ from . import __version__, outputs
 from .arguments import parse_args
 from .cards import write_card
 from .data import class_weights, label_array, load_medmnist, resample
-from .errors import UserError
+from .errors import UserError, run_with_user_errors
 from .hub import push_run, take_push_settings
 from .metrics import auc_confidence_interval, confusion, make_compute_metrics, scores_from_logits
 from .modeling import count_parameters, encoder_layers, freeze_all_but_top_layers, load_image_processor, load_model
@@ -334,6 +334,4 @@ def write_run_outputs(output_dir: str, spec, test_output, results: dict, run_con
 
 
 if __name__ == "__main__":
-    from .cli import run_with_user_errors
-
     run_with_user_errors(main)

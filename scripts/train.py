@@ -8,7 +8,7 @@ This is the same entry as `hf-medbeit train`. The recipe itself, step by step (a
 it lives in the package so that the installed console command runs it too.
 """
 
-from hf_medbeit.cli import run_with_user_errors
+from hf_medbeit.errors import run_with_user_errors
 from hf_medbeit.finetune import main
 
 if __name__ == "__main__":

@@ -99,3 +99,20 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         [sys.executable, "-m", "hf_medbeit.cli", *args],
         cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def assert_one_line_error(result, *fragments):
+    """One ``hf-medbeit: error:`` line holding every fragment, exit status 2 (bad input), no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("hf-medbeit: error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def assert_nothing_written(out, cache):
+    assert not out.exists(), f"{out} must not be created"
+    if cache.exists():
+        assert not any(cache.iterdir()), f"no cache entry for bad data: {list(cache.iterdir())}"

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import DATA, TINY_BEIT, npz_name, run_cli, write_medmnist_npz
+from conftest import DATA, TINY_BEIT, assert_nothing_written, assert_one_line_error, npz_name, run_cli, write_medmnist_npz
 
 pytestmark = pytest.mark.e2e
 
@@ -17,22 +17,6 @@ def train_args(root, out, cache, *extra):
         "train", "--data_dir", str(root), "--dataset_cache_dir", str(cache), "--output_dir", str(out),
         "--model_type", "beit", "--config_overrides", TINY_BEIT, "--max_steps", "1", "--report_to", "none", *extra,
     )
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("hf-medbeit: error:")]
-    assert len(errors) == 1, result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
-
-
-def assert_nothing_written(out, cache):
-    assert not out.exists(), f"{out} must not be created"
-    if cache.exists():
-        assert not any(cache.iterdir()), f"no cache entry for bad data: {list(cache.iterdir())}"
 
 
 def copy_official(tmp_path):
