@@ -264,7 +264,7 @@ def test_run_killed_before_its_first_checkpoint_starts_again(tmp_path):
 
 
 def _pid_of_rank(rank: int, marker: str, timeout: float = 120) -> int:
-    """The process of MPI rank ``rank`` whose command line holds ``marker`` (found through /proc)."""
+    """The process of rank ``rank`` (torchrun's RANK) whose command line holds ``marker`` (found through /proc)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         for entry in Path("/proc").iterdir():
@@ -276,7 +276,7 @@ def _pid_of_rank(rank: int, marker: str, timeout: float = 120) -> int:
                 environment = (entry / "environ").read_bytes().split(b"\0")
             except OSError:  # gone, or not ours to read
                 continue
-            if f"OMPI_COMM_WORLD_RANK={rank}".encode() in environment:
+            if f"RANK={rank}".encode() in environment:
                 return int(entry.name)
         time.sleep(0.5)
     raise AssertionError(f"no process of rank {rank} running {marker}")
@@ -287,7 +287,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     waiting forever in the next collective: both stop at the same step, after one checkpoint."""
     out, cache = tmp_path / "run", tmp_path / "cache"
     command, env = two_cpu_processes(*RUN, "--output_dir", str(out), "--dataset_cache_dir", str(cache))
-    # Its own session, so that a failed test can kill the launcher, mpirun and both ranks at once.
+    # Its own session, so that a failed test can kill the launcher, torchrun and both ranks at once.
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     try:
