@@ -7,7 +7,8 @@
 In one process, on one synthetic PneumoniaMNIST-format set (28x28 gray, upscaled to 224):
 
 (a) study    the study's path: the image processor on PIL images in the data loader
-             (``Dataset.set_transform``), fp32, batch ``--study_batch_size`` (design.md section 6)
+             (``Dataset.set_transform``), fp32, batch ``--study_batch_size`` (32, as in this
+             project's earlier H200 measurement; its figures are in benchmarks/README.md)
 (b) ours     ``hf-medbeit train``'s path: WeightedLossTrainer + fast path + GPU defaults
 (c) model    the model alone: synthetic tensors already on the device, same batch and precision
 

@@ -7,24 +7,32 @@ YAML header, including the ``model-index`` with the test AUC and ACC, is written
 * ``all_results.json``: metrics, data set, balancing, hyperparameters, hardware, wall time;
 * ``trainer_state.json``: the validation history and the step of the selected checkpoint;
 * ``config.json``: architecture and input size;
+* ``confusion_matrix.json``: which classes the model predicts on the test split (columns) and which
+  the test split holds (rows);
 * ``roc_curve.png`` / ``confusion_matrix.png``: shown as images when present.
 
-The data set's licence and description come from ``medmnist.INFO``; the MedMNIST v2 reference
-rows from ``model_cards/medmnist_v2_reference.json`` (with its source).
+The data set's licence, description and official MD5 come from ``medmnist.INFO``: the card says
+"official MedMNIST v2 splits" only when the run's recorded ``data_md5`` is that MD5. The MedMNIST
+v2 reference rows come from ``model_cards/medmnist_v2_reference.json`` (with its source), and the
+BibTeX from ``model_cards/citations.json`` (the architecture by ``model_type``, so a ResNet card
+never cites BEiT).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from medmnist import INFO
 from medmnist.info import HOMEPAGE
 
 from . import outputs
-from .data import MULTI_LABEL_TASK
+from .data import MULTI_LABEL_TASK, get_spec
 from .errors import UserError
 from .metrics import metric_key
 from .training import RECORDED_HYPERPARAMETERS
@@ -35,6 +43,8 @@ CARD_FILE = "README.md"
 MODEL_CARDS_DIR = Path(__file__).resolve().parent / "model_cards"
 TEMPLATE = MODEL_CARDS_DIR / "model_card_template.md"
 REFERENCE_TABLE = MODEL_CARDS_DIR / "medmnist_v2_reference.json"
+# BibTeX by what is cited: architectures by model_type, the benchmark, source data sets by flag.
+CITATIONS = MODEL_CARDS_DIR / "citations.json"
 
 # medmnist.INFO's licence names -> Hub licence identifiers.
 HUB_LICENSES = {"CC BY 4.0": "cc-by-4.0", "CC BY-NC 4.0": "cc-by-nc-4.0"}
@@ -48,57 +58,6 @@ DATASET_ID = "medmnist"
 MODEL_NAMES = {"beit": "BEiT", "vit": "ViT", "deit": "DeiT", "data2vec-vision": "Data2Vec-Vision", "dinov2": "DINOv2",
                "convnext": "ConvNeXT", "resnet": "ResNet", "swin": "Swin"}
 
-BEIT_CITATION = """@inproceedings{bao2022beit,
-  title     = {{BEiT}: {BERT} Pre-Training of Image Transformers},
-  author    = {Bao, Hangbo and Dong, Li and Piao, Songhao and Wei, Furu},
-  booktitle = {International Conference on Learning Representations (ICLR)},
-  year      = {2022},
-  url       = {https://arxiv.org/abs/2106.08254}
-}"""
-
-MEDMNIST_CITATION = """@article{yang2023medmnistv2,
-  title   = {{MedMNIST} v2 - A large-scale lightweight benchmark for {2D} and {3D} biomedical image classification},
-  author  = {Yang, Jiancheng and Shi, Rui and Wei, Donglai and Liu, Zequan and Zhao, Lin and Ke, Bilian and Pfister, Hanspeter and Ni, Bingbing},
-  journal = {Scientific Data},
-  volume  = {10},
-  number  = {1},
-  pages   = {41},
-  year    = {2023},
-  doi     = {10.1038/s41597-022-01721-8}
-}"""
-
-# The source data set behind each MedMNIST subset, where this project cites it directly.
-SOURCE_CITATIONS = {
-    "breastmnist": """@article{aldhabyani2020breast,
-  title   = {Dataset of breast ultrasound images},
-  author  = {Al-Dhabyani, Walid and Gomaa, Mohammed and Khaled, Hussien and Fahmy, Aly},
-  journal = {Data in Brief},
-  volume  = {28},
-  pages   = {104863},
-  year    = {2020},
-  doi     = {10.1016/j.dib.2019.104863}
-}""",
-    "pneumoniamnist": """@article{kermany2018identifying,
-  title   = {Identifying Medical Diagnoses and Treatable Diseases by Image-Based Deep Learning},
-  author  = {Kermany, Daniel S. and Goldbaum, Michael and Cai, Wenjia and Valentim, Carolina C. S. and Liang, Huiying and Baxter, Sally L. and McKeown, Alex and Yang, Ge and Wu, Xiaokang and Yan, Fangbing and others},
-  journal = {Cell},
-  volume  = {172},
-  number  = {5},
-  pages   = {1122--1131.e9},
-  year    = {2018},
-  doi     = {10.1016/j.cell.2018.02.010}
-}""",
-    "dermamnist": """@article{tschandl2018ham10000,
-  title   = {The {HAM10000} dataset, a large collection of multi-source dermatoscopic images of common pigmented skin lesions},
-  author  = {Tschandl, Philipp and Rosendahl, Cliff and Kittler, Harald},
-  journal = {Scientific Data},
-  volume  = {5},
-  pages   = {180161},
-  year    = {2018},
-  doi     = {10.1038/sdata.2018.161}
-}""",
-}
-
 def hub_license(medmnist_license: str) -> str | None:
     """'CC BY 4.0' -> 'cc-by-4.0'; None where the Hub has no identifier we know for it."""
     return HUB_LICENSES.get(medmnist_license.strip())
@@ -108,6 +67,85 @@ def reference_rows(flag: str) -> tuple[list[dict], dict]:
     """The MedMNIST v2 benchmark rows for ``flag`` (may be empty) and the table's provenance."""
     table = json.loads(REFERENCE_TABLE.read_text())
     return table["datasets"].get(flag, []), {"source": table["source"], "protocol": table["protocol"], "url": table["source_url"]}
+
+
+def citations(model_type: str | None, flag: str) -> list[dict]:
+    """What the card cites, from ``model_cards/citations.json``: the architecture the run trained
+    (only where the file has it: a ResNet card never cites BEiT), MedMNIST v2, the source data set."""
+    table = json.loads(CITATIONS.read_text())
+    cited = []
+    if model_type in table["architectures"]:
+        cited.append(table["architectures"][model_type])
+    cited.append(table["benchmark"])
+    if flag in table["source_datasets"]:
+        cited.append({"what": f"The source data set of {INFO[flag]['python_class']}", "bibtex": table["source_datasets"][flag]})
+    return cited
+
+
+def _official_md5(flag: str, size: int) -> str | None:
+    try:
+        return get_spec(flag, size).md5
+    except UserError:
+        return None
+
+
+def data_origin(results: dict) -> tuple[bool, str]:
+    """Whether the run used the official MedMNIST v2 file (its recorded MD5 equals medmnist.INFO's),
+    and, where it did not or cannot be told, a sentence that says what the data was instead."""
+    flag, size = results["dataset"], results.get("size", 28)
+    pretty = INFO[flag]["python_class"]
+    official = _official_md5(flag, size)
+    recorded = results.get("data_md5")
+    if recorded and recorded == official:
+        return True, ""
+    if recorded:
+        what = (f"the user's own file in MedMNIST's {pretty} format (MD5 `{recorded}`), not the official "
+                + (f"MedMNIST v2 file (MD5 `{official}`)" if official else f"MedMNIST v2 file (medmnist.INFO lists none at {size}x{size})"))
+    else:
+        what = f"a {pretty} file whose MD5 the run did not record, so it may not be the official MedMNIST v2 file"
+    return False, (f"This model was trained and tested on {what}. Its results are not comparable to the "
+                   "MedMNIST v2 reference rows as-is.")
+
+
+def test_class_counts(run: Path, task: str, num_labels: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Per class (or finding): how many test images truly are it and how many the model predicts as
+    it, and the number of test images, from ``confusion_matrix.json`` (rows true, columns
+    predicted). None without a usable matrix."""
+    data = _read_json(run / outputs.CONFUSION_FILE, required=False)
+    try:
+        matrix = np.asarray(data["matrix"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if task == MULTI_LABEL_TASK:  # (K, 2, 2): [[tn, fp], [fn, tp]] per finding
+        if matrix.shape != (num_labels, 2, 2):
+            return None
+        return matrix[:, 1, :].sum(axis=1), matrix[:, :, 1].sum(axis=1), int(matrix[0].sum())
+    if matrix.shape != (num_labels, num_labels):
+        return None
+    return matrix.sum(axis=1), matrix.sum(axis=0), int(matrix.sum())
+
+
+def _selected_step(state: dict, results: dict) -> int | None:
+    step = state.get("best_global_step")
+    if step is None and results.get("best_model_checkpoint"):
+        match = re.search(r"checkpoint-(\d+)$", str(results["best_model_checkpoint"]).rstrip("/\\"))
+        step = int(match.group(1)) if match else None
+    return step
+
+
+def selection_note(state: dict, results: dict, metric: str) -> str:
+    """Which model the run folder holds: the checkpoint selected on validation, or, where no
+    selection was possible, the last one; said plainly either way."""
+    step = _selected_step(state, results)
+    metric = metric.upper() if metric.lower() in ("auc", "acc") else metric
+    if step is not None:
+        return f"the checkpoint with the best validation {metric} is the model in this repository, from step {step}"
+    if not state and "best_model_checkpoint" not in results:
+        return "the run folder does not record which checkpoint is the model in this repository"
+    last = state.get("global_step")
+    return (f"no checkpoint could be selected by validation {metric}: it was never defined (for example, the "
+            "validation split holds only one class), so the model in this repository is the last one"
+            + (f", from step {last}" if last is not None else ", from the end of training"))
 
 
 def _read_json(path: Path, required: bool = True) -> dict:
@@ -136,7 +174,7 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def _metric(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
 def _duration(seconds: float | None) -> str:
@@ -177,13 +215,16 @@ def _model_family(config: dict) -> str:
     return architecture.removesuffix("ForImageClassification")
 
 
-def _result_table(results: dict, label_names: list[str]) -> tuple[list[str], list[list[str]]]:
+def _result_table(results: dict, label_names: list[str], absent_from_test: set[str]) -> tuple[list[str], list[list[str]]]:
     columns = ["AUC", "ACC", "balanced accuracy", *(f"recall {name}" for name in label_names)]
     rows = []
     for split, prefix in (("validation", "eval"), ("test", "test")):
-        keys = [f"{prefix}_auc", f"{prefix}_acc", f"{prefix}_balanced_accuracy",
-                *(f"{prefix}_recall_{metric_key(name)}" for name in label_names)]
-        rows.append([split, *(_metric(results.get(key)) for key in keys)])
+        cells = [_metric(results.get(f"{prefix}_{key}")) for key in ("auc", "acc", "balanced_accuracy")]
+        for name in label_names:
+            # sklearn reports recall 0 for a class with no true image; it is undefined, not 0.
+            undefined = prefix == "test" and name in absent_from_test
+            cells.append("n/a" if undefined else _metric(results.get(f"{prefix}_recall_{metric_key(name)}")))
+        rows.append([split, *cells])
     return columns, rows
 
 
@@ -197,14 +238,36 @@ def _epoch_table(state: dict, label_names: list[str]) -> tuple[list[str], list[l
     return columns, rows
 
 
-def _warnings(results: dict, label_names: list[str], from_scratch: bool, image_size: int) -> list[str]:
-    notes = []
-    collapsed = [name for name in label_names if results.get(f"test_recall_{metric_key(name)}") == 0.0]
-    if collapsed:
-        notes.append(
-            f"On the test split this model never predicts {', '.join(repr(n) for n in collapsed)} (recall 0): it has "
-            "collapsed towards the other class(es), whatever its accuracy says."
-        )
+def _warnings(results: dict, label_names: list[str], counts, from_scratch: bool, image_size: int,
+              data_note: str) -> list[str]:
+    notes = [data_note] if data_note else []
+    if counts is not None:
+        # From the confusion matrix: true counts are its rows, predicted counts its columns.
+        true_counts, predicted_counts, _ = counts
+        never = [(name, int(true)) for name, true, predicted in zip(label_names, true_counts, predicted_counts)
+                 if true > 0 and predicted == 0]
+        if never:
+            notes.append(
+                "On the test split this model never predicts "
+                + ", ".join(f"{name!r} (recall 0; {true} test images are {name!r})" for name, true in never)
+                + ": it has collapsed towards the other class(es), whatever its accuracy says."
+            )
+        for name, predicted in ((name, int(predicted)) for name, true, predicted
+                                in zip(label_names, true_counts, predicted_counts) if true == 0):
+            notes.append(
+                f"The test split holds no image of {name!r}, so its test recall is undefined (n/a below) and the "
+                "test figures say nothing about how well the model finds it"
+                + (f"; the model predicts {name!r} for {predicted} test images, all of them wrongly." if predicted
+                   else "; the model predicts it for no test image.")
+            )
+    else:
+        # Without a confusion matrix, recall 0 cannot tell a class never predicted from one absent from the split.
+        zero = [name for name in label_names if results.get(f"test_recall_{metric_key(name)}") == 0.0]
+        if zero:
+            notes.append(
+                f"Test recall is 0 for {', '.join(repr(n) for n in zero)}: either the model never predicts it or the test "
+                "split holds none of it (the run folder has no confusion matrix to tell which)."
+            )
     if from_scratch:
         notes.append(
             "This model was trained from a random initialisation (no pretrained weights)"
@@ -230,11 +293,16 @@ def card_context(run_dir: str | os.PathLike, repo_id: str | None = None) -> tupl
     license_id = hub_license(info["license"])
     from_scratch = bool(results.get("trained_from_scratch", False))
     base_model = None if from_scratch else results.get("base_model")
+    official_data, data_note = data_origin(results)
+    counts = test_class_counts(run, task, len(label_names))
+    absent_from_test = set() if counts is None else {name for name, true in zip(label_names, counts[0]) if true == 0}
+    model_type = results.get("model_type") or config.get("model_type")
     image_size = config.get("image_size") or size
     model_name = repo_id or run.resolve().name
     model_ref = repo_id or "path/to/run_folder"
 
-    dataset_name = f"MedMNIST v2 {pretty} ({size}x{size})"
+    dataset_name = (f"MedMNIST v2 {pretty} ({size}x{size})" if official_data
+                    else f"{pretty} ({size}x{size}) format, own data (MD5 {results.get('data_md5') or 'not recorded'})")
     eval_results = [
         EvalResult(
             task_type="image-classification", task_name="Image Classification",
@@ -253,12 +321,14 @@ def card_context(run_dir: str | os.PathLike, repo_id: str | None = None) -> tupl
         license_link=None if license_id else HOMEPAGE,
         library_name="transformers",
         pipeline_tag="image-classification",
-        tags=["image-classification", "medical-imaging", "medmnist", flag, config.get("model_type", "vision")],
+        tags=["image-classification", "medical-imaging", "medmnist", flag, model_type or "vision"],
         metrics=["roc_auc", "accuracy"],
         eval_results=eval_results or None,
     )
 
     hyperparameters = dict(results.get("hyperparameters") or {})
+    metric_for_best_model = hyperparameters.get("metric_for_best_model", "auc")
+    selection = selection_note(state, results, metric_for_best_model)
     ordered = [key for key in RECORDED_HYPERPARAMETERS if key in hyperparameters]
     ordered += sorted(key for key in hyperparameters if key not in ordered)
     hyperparameter_rows = [(f"`{key}`", _fmt(hyperparameters[key], 6)) for key in ordered]
@@ -280,7 +350,7 @@ def card_context(run_dir: str | os.PathLike, repo_id: str | None = None) -> tupl
         else f"all but the top {top_layers} transformer blocks (and the final norm, pooler and head) frozen"
     )
     init_text = (
-        f"random initialisation from a `{results.get('model_type') or config.get('model_type')}` config"
+        f"random initialisation from a `{model_type}` config"
         + (f" (`{results['config_overrides']}`)" if results.get("config_overrides") else "")
         if from_scratch
         else f"fine-tuned from `{results.get('model_name_or_path') or base_model}`"
@@ -289,26 +359,22 @@ def card_context(run_dir: str | os.PathLike, repo_id: str | None = None) -> tupl
         f"Hugging Face `Trainer` (hf_medbeit's weighted-loss subclass), {init_text}; {frozen_text}; {balancing_text}"
         + (f"; layer-wise learning-rate decay {results['layer_decay']}" if results.get("layer_decay") else "")
         + ("; random crop/flip/rotation augmentation" if results.get("augment") else "; no augmentation")
-        + ". The checkpoint with the best validation "
-        + f"{hyperparameters.get('metric_for_best_model', 'AUC')} was kept and evaluated once on the test split."
+        + f". {selection[0].upper()}{selection[1:]}; that model was evaluated once on the test split."
     )
 
     epoch_columns, epoch_rows = _epoch_table(state, label_names)
-    result_columns, result_rows = _result_table(results, label_names)
+    result_columns, result_rows = _result_table(results, label_names, absent_from_test)
     references, reference_meta = reference_rows(flag)
-    counts = results.get("train_class_counts") or []
-    n_samples = info.get("n_samples", {})
+    train_counts = results.get("train_class_counts") or []
+    # INFO's split sizes describe the official file only; the test size of another file comes
+    # from its own confusion matrix.
+    n_samples = info.get("n_samples", {}) if official_data else {}
+    test_examples = counts[2] if counts is not None else n_samples.get("test", "n/a")
     images = [
         {"alt": alt, "path": name}
         for alt, name in (("ROC curve on the test split", outputs.ROC_PLOT), ("Confusion matrix on the test split", outputs.CONFUSION_PLOT))
         if (run / name).exists()
     ]
-    citations = [
-        {"what": "BEiT", "bibtex": BEIT_CITATION},
-        {"what": "MedMNIST v2", "bibtex": MEDMNIST_CITATION},
-    ]
-    if flag in SOURCE_CITATIONS:
-        citations.append({"what": f"The source data set of {pretty}", "bibtex": SOURCE_CITATIONS[flag]})
     ci = results.get("test_auc_ci95")
     versions = results.get("framework_versions") or {}
 
@@ -316,10 +382,12 @@ def card_context(run_dir: str | os.PathLike, repo_id: str | None = None) -> tupl
         "title": f"{model_name}: {pretty} ({size}x{size}) {_model_family(config)} classifier",
         "summary": (
             f"An image classifier for **{pretty}** ({task} task: "
-            f"{', '.join(label_names)}), {init_text}, trained with hf_medbeit on the official MedMNIST v2 splits. "
-            f"Test AUC {_metric(results.get('test_auc'))}, ACC {_metric(results.get('test_acc'))}."
+            f"{', '.join(repr(name) for name in label_names)}), {init_text}, trained with hf_medbeit on "
+            + ("the official MedMNIST v2 splits. " if official_data
+               else "the user's own data in MedMNIST's format, not the official MedMNIST v2 file (see below). ")
+            + f"Test AUC {_metric(results.get('test_auc'))}, ACC {_metric(results.get('test_acc'))}."
         ),
-        "warnings": _warnings(results, label_names, from_scratch, image_size),
+        "warnings": _warnings(results, label_names, counts, from_scratch, image_size, data_note),
         "architecture": _architecture(config),
         "initialisation": init_text,
         "input_description": f"RGB images resized by the image processor to {image_size}x{image_size} (grayscale is replicated to 3 channels)",
@@ -328,7 +396,10 @@ def card_context(run_dir: str | os.PathLike, repo_id: str | None = None) -> tupl
         "trainable_parameters": "n/a" if results.get("trainable_parameters") is None else f"{results['trainable_parameters']:,}",
         "dataset_pretty": pretty,
         "image_size": size,
-        "test_examples": n_samples.get("test", "n/a"),
+        "test_examples": test_examples,
+        "official_data": official_data,
+        "official_md5": _official_md5(flag, size) or "not listed in medmnist.INFO",
+        "data_note": data_note,
         "score_kind": "sigmoid probabilities, one per finding" if task == MULTI_LABEL_TASK else "softmax probabilities",
         "medmnist_homepage": HOMEPAGE,
         "dataset_description": info["description"],
@@ -336,15 +407,14 @@ def card_context(run_dir: str | os.PathLike, repo_id: str | None = None) -> tupl
         "task": task,
         "split_sizes": ", ".join(f"{split} {count}" for split, count in n_samples.items()),
         "train_examples": results.get("train_examples", "n/a"),
-        "train_class_counts": ", ".join(f"{name}: {count}" for name, count in zip(label_names, counts)) or "n/a",
+        "train_class_counts": ", ".join(f"{name}: {count}" for name, count in zip(label_names, train_counts)) or "n/a",
         "data_md5": results.get("data_md5", "n/a"),
         "procedure_summary": procedure,
         "hyperparameters": hyperparameter_rows,
         "hardware": results.get("hardware", "not recorded"),
         "wall_time": _duration(results.get("wall_time_seconds")),
         "framework_versions": ", ".join(f"{name} {version}" for name, version in versions.items()) or "not recorded",
-        "metric_for_best_model": hyperparameters.get("metric_for_best_model", "auc"),
-        "best_step": state.get("best_global_step", "n/a"),
+        "selection_note": selection,
         "epoch_columns": epoch_columns,
         "epoch_rows": epoch_rows,
         "metric_definition": _metric_definition(task),
@@ -358,7 +428,7 @@ def card_context(run_dir: str | os.PathLike, repo_id: str | None = None) -> tupl
         "reference_protocol": reference_meta["protocol"],
         "images": images,
         "model_ref": model_ref,
-        "citations": citations,
+        "citations": citations(model_type, flag),
         "multi_label": task == MULTI_LABEL_TASK,
     }
     return card_data, context
