@@ -7,10 +7,15 @@ file are an error, never silently ignored.
 
 from __future__ import annotations
 
-import os
+import argparse
+import difflib
+import json
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
+import yaml
 from transformers import HfArgumentParser
 
 from .data import BALANCING_METHODS
@@ -109,22 +114,137 @@ class DataArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, MedMNISTTrainingArguments)
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 
 def parse_args(argv: list[str] | None = None):
-    """Parse ``argv`` (or a single .json/.yaml config file) into the three argument dataclasses."""
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
-    if argv is not None and len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        path = os.path.abspath(argv[0])
-        if not os.path.isfile(path):
-            raise UserError(f"config file {argv[0]} does not exist; check the path")
+    """Parse ``argv`` into the three argument dataclasses, then check them all before any data or
+    model is loaded.
+
+    ``argv`` is flags, or a .json/.yaml config file first and flags after it that override the
+    file (``hf-medbeit train configs/quickstart.yaml --num_train_epochs 60``). File values are cast
+    to the fields' types, so ``learning_rate: 1e-3`` (a string to PyYAML) works as papers write it.
+    Every mistake is a ``UserError`` that names the file or flag.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="hf-medbeit train")
+    parser.error = _argparse_error  # argparse would print usage and exit; one line instead
+    if argv and argv[0].endswith(CONFIG_SUFFIXES):
+        config_file = argv.pop(0)
+        parser.set_defaults(**_read_config_file(config_file, parser))
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as error:  # a dataclass's __post_init__ (ours or TrainingArguments')
+        raise UserError(f"{_first_line(error)}; fix that argument (hf-medbeit train --help lists them)") from error
+    if unknown:
+        raise UserError(f"unknown argument {unknown[0]}{_did_you_mean(unknown[0].lstrip('-'), parser)}; "
+                        "hf-medbeit train --help lists the valid ones")
+    model_args, data_args, training_args = parsed
+    validate(model_args, data_args, training_args)
+    return model_args, data_args, training_args
+
+
+def validate(model_args, data_args, training_args) -> None:
+    """What would otherwise fail late (after data and model are loaded) or, worse, succeed with a
+    meaningless run: an untrained model, an empty split, no model selection."""
+    from .data import get_spec
+
+    spec = get_spec(data_args.dataset_name, data_args.size)  # an unknown data set or size, from INFO
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise UserError(f"--num_train_epochs {training_args.num_train_epochs:g} trains nothing; "
+                        "give a positive number of epochs (or --max_steps)")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, name) < 1:
+            raise UserError(f"--{name} {getattr(training_args, name)} must be 1 or more")
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} {value} leaves no images; give 1 or more, or leave it out for the whole split")
+    if not training_args.learning_rate > 0:
+        raise UserError(f"--learning_rate {training_args.learning_rate:g} must be positive (the study: 3e-4)")
+    if training_args.weight_decay < 0:
+        raise UserError(f"--weight_decay {training_args.weight_decay:g} must be 0 or more")
+    if model_args.trainable_top_layers is not None and model_args.trainable_top_layers < 0:
+        raise UserError(f"--trainable_top_layers {model_args.trainable_top_layers} must be 0 or more")
+    if data_args.balance_ratio is not None:
+        if spec.num_labels != 2:
+            raise UserError(f"--balance_ratio applies to binary tasks; {spec.flag} has {spec.num_labels} classes and "
+                            f"--balancing {data_args.balancing} equalises them all: drop --balance_ratio")
+        if not 0.5 <= data_args.balance_ratio < 1:
+            raise UserError(f"--balance_ratio {data_args.balance_ratio} must be the majority class's share, in [0.5, 1); "
+                            "the study used 0.6 and 0.5")
+
+
+def _argparse_error(message: str):
+    raise UserError(f"{message}; hf-medbeit train --help lists the arguments and their values")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0].rstrip(".") if lines else type(error).__name__
+
+
+def _did_you_mean(name: str, parser) -> str:
+    close = difflib.get_close_matches(name, _destinations(parser), n=1)
+    return f" (did you mean --{close[0]}?)" if close else ""
+
+
+def _destinations(parser) -> dict:
+    return {action.dest: action for action in parser._actions if action.dest != "help"}
+
+
+def _read_config_file(config_file: str, parser) -> dict:
+    """The file's values as parser defaults: a mapping of known keys, cast to the fields' types."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise UserError(f"config file {config_file} does not exist; check the path")
+    try:
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except OSError as error:
+        raise UserError(f"cannot read config file {config_file} ({error.strerror or error})") from error
+    except (ValueError, yaml.YAMLError) as error:  # JSONDecodeError is a ValueError
+        raise UserError(f"{config_file} is not valid {'JSON' if path.suffix == '.json' else 'YAML'} "
+                        f"({' '.join(_first_line(error).split())}); fix its syntax") from error
+    if values is None:
+        raise UserError(f"{config_file} is empty; write one 'argument: value' per line (see configs/quickstart.yaml)")
+    if not isinstance(values, dict):
+        kind = "a list" if isinstance(values, list) else "a single value"
+        raise UserError(f"{config_file} holds {kind}, not a mapping; write one 'argument: value' "
+                        "per line (see configs/quickstart.yaml)")
+    actions = _destinations(parser)
+    unknown = [key for key in values if key not in actions]
+    if unknown:
+        raise UserError(f"{config_file}: unknown key {unknown[0]!r}{_did_you_mean(str(unknown[0]), parser)}; "
+                        "fix or remove it (hf-medbeit train --help lists the valid ones)")
+    cast = {}
+    for key, value in values.items():
+        if isinstance(value, str) and value == f"<{key.upper()}>":
+            continue  # a secret that TrainingArguments.to_dict() masked in run_config.json: not a value
+        cast[key] = _cast(config_file, key, value, actions[key])
+    return cast
+
+
+def _cast(config_file: str, key: str, value, action):
+    """A file value as the command line would have parsed it: strings through the field's own
+    type (``"1e-3"`` -> 0.001, ``"true"`` -> True), other values checked against its choices."""
+    if isinstance(value, list) and action.nargs in ("+", "*"):
+        return [_cast(config_file, key, item, action) for item in value]
+    if isinstance(value, bool) and action.type is str:
+        value = "yes" if value else "no"  # YAML 1.1 reads `eval_strategy: no` as False
+    if isinstance(value, str) and action.type is not None:
         try:
-            if path.endswith(".json"):
-                return parser.parse_json_file(path, allow_extra_keys=False)
-            return parser.parse_yaml_file(path, allow_extra_keys=False)
-        except UserError:
-            raise
-        except (ValueError, TypeError) as error:
-            message = str(error).splitlines()[0]
-            raise UserError(f"{argv[0]}: {message}; fix or remove those keys (run with --help for the valid ones)") from error
-    return parser.parse_args_into_dataclasses(args=argv)
+            value = action.type(value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+            raise UserError(f"{config_file}: {key}: {value!r} is not a valid value ({_first_line(error)}); "
+                            "fix it in the file") from error
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and action.type in (int, float):
+        if action.type is int and value != int(value):
+            raise UserError(f"{config_file}: {key}: {value} must be a whole number; fix it in the file")
+        value = action.type(value)
+    if action.choices is not None and value not in action.choices:
+        raise UserError(f"{config_file}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}; "
+                        "fix it in the file")
+    return value

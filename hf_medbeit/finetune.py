@@ -24,7 +24,7 @@ import datasets
 import numpy as np
 import transformers
 
-from . import __version__, outputs
+from . import __version__, outputs, run_folder
 from .arguments import parse_args
 from .cards import write_card
 from .data import class_weights, label_array, load_medmnist, resample
@@ -70,32 +70,6 @@ def default_run_name(model_args, data_args) -> str:
     return f"{model}-{data_args.dataset_name}-{data_args.size}-{data_args.balancing}"
 
 
-def resolve_run_folder(model_args, data_args, training_args) -> str | None:
-    """Name the run folder and decide whether to resume; returns the checkpoint to resume from.
-
-    As in Hugging Face's example scripts: a folder with checkpoints resumes from the last complete
-    one (a save cut short by a kill is removed); a folder holding a finished run or anything else
-    is refused rather than overwritten.
-    """
-    training_args.run_name = training_args.run_name or default_run_name(model_args, data_args)
-    if not training_args.output_dir_given:
-        training_args.output_dir = os.path.join("runs", training_args.run_name)
-    output_dir = training_args.output_dir
-    if training_args.resume_from_checkpoint:
-        return training_args.resume_from_checkpoint
-    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
-        return None
-    if os.path.exists(os.path.join(output_dir, outputs.RESULTS_FILE)):
-        raise UserError(f"{output_dir} already holds a finished run ({outputs.RESULTS_FILE}); pass another --output_dir or delete it")
-    last_checkpoint = last_complete_checkpoint(output_dir, remove_incomplete=training_args.process_index == 0)
-    if last_checkpoint is None and not os.listdir(output_dir):
-        return None  # killed before its first checkpoint was complete: start again
-    if last_checkpoint is None:
-        raise UserError(f"{output_dir} exists, is not empty and has no checkpoint to resume from; pass another --output_dir or empty it")
-    logger.info("Resuming from %s (delete %s to start over)", last_checkpoint, output_dir)
-    return last_checkpoint
-
-
 def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     model_args, data_args, training_args = parse_args(argv)
@@ -103,7 +77,14 @@ def main(argv: list[str] | None = None) -> dict:
     # Trainer pickles into training_args.bin); the finished run is pushed at the end instead.
     hub_push = take_push_settings(training_args)
     setup_logging(training_args)
-    last_checkpoint = resolve_run_folder(model_args, data_args, training_args)
+    # Decide what to do with the run folder now (start, resume or refuse), but touch it only once
+    # data and model have loaded: a mistake found on the way leaves nothing behind.
+    training_args.run_name = training_args.run_name or default_run_name(model_args, data_args)
+    if not training_args.output_dir_given:
+        training_args.output_dir = os.path.join("runs", training_args.run_name)
+    identity = run_folder.identity_of(model_args, data_args, training_args)
+    run = run_folder.resolve(training_args.output_dir, identity, training_args.resume_from_checkpoint)
+    last_checkpoint = run.resume_from
     logger.info("Run %s -> %s", training_args.run_name, training_args.output_dir)
 
     # 1. Data: MedMNIST .npz -> DatasetDict with the class names from medmnist.INFO.
@@ -152,83 +133,88 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. Train; the best checkpoint by validation AUC is loaded at the end. Found before training:
     #    an unwritable folder or a disk too small. During it: Ctrl-C or SIGTERM saves a checkpoint
     #    and stops; a failed write names the checkpoint to resume from.
-    check_output_dir(training_args.output_dir, model, training_args.save_total_limit)
-    stop_on_signal = StopOnSignal().install()
-    trainer = WeightedLossTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=prepared.train,
-        eval_dataset=prepared.validation,
-        processing_class=image_processor,
-        data_collator=prepared.collate_fn,
-        compute_metrics=make_compute_metrics(spec.task, spec.label_names),
-        class_weights=loss_weights,
-        multi_label=spec.is_multi_label,
-        layer_decay=model_args.layer_decay,
-        device_preprocessor=prepared.device_preprocessor,
-        callbacks=[stop_on_signal],
-    )
-    try:
-        train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
-    except Exception as error:
-        if is_write_failure(error):
-            raise write_failure(error, training_args.output_dir) from error
-        raise
-    finally:
-        stop_on_signal.uninstall()
-    # All processes decide together (a signal may have come after the last step end on one only).
-    if stop_on_signal.agree(training_args) is not None:
-        trainer.accelerator.wait_for_everyone()  # no process exits while another still saves
-        raise TrainingInterrupted(
-            f"interrupted at step {trainer.state.global_step}; checkpoint saved in "
-            f"{last_complete_checkpoint(training_args.output_dir)}: run the same command again to resume",
-            exit_code=stop_on_signal.exit_code,
+    if last_checkpoint is not None:
+        run_folder.check_checkpoint_fits(model, last_checkpoint)
+    # From here on the folder is in use: a failure before the first checkpoint removes what this
+    # command created, so no empty run folder is left behind.
+    with run_folder.in_use(run, identity, is_main_process=training_args.process_index == 0):
+        check_output_dir(training_args.output_dir, model, training_args.save_total_limit)
+        stop_on_signal = StopOnSignal().install()
+        trainer = WeightedLossTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=prepared.train,
+            eval_dataset=prepared.validation,
+            processing_class=image_processor,
+            data_collator=prepared.collate_fn,
+            compute_metrics=make_compute_metrics(spec.task, spec.label_names),
+            class_weights=loss_weights,
+            multi_label=spec.is_multi_label,
+            layer_decay=model_args.layer_decay,
+            device_preprocessor=prepared.device_preprocessor,
+            callbacks=[stop_on_signal],
         )
-    trainer.save_model()  # the best model, as safetensors, with the image processor and config
-    trainer.save_state()
-    trainer.log_metrics("train", train_result.metrics)
+        try:
+            train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+        except Exception as error:
+            if is_write_failure(error):
+                raise write_failure(error, training_args.output_dir) from error
+            raise
+        finally:
+            stop_on_signal.uninstall()
+        # All processes decide together (a signal may have come after the last step end on one only).
+        if stop_on_signal.agree(training_args) is not None:
+            trainer.accelerator.wait_for_everyone()  # no process exits while another still saves
+            raise TrainingInterrupted(
+                f"interrupted at step {trainer.state.global_step}; checkpoint saved in "
+                f"{last_complete_checkpoint(training_args.output_dir)}: run the same command again to resume",
+                exit_code=stop_on_signal.exit_code,
+            )
+        trainer.save_model()  # the best model, as safetensors, with the image processor and config
+        trainer.save_state()
+        trainer.log_metrics("train", train_result.metrics)
 
-    # 6. Validation metrics of the selected model, then the test split, evaluated once.
-    validation_metrics = trainer.evaluate(metric_key_prefix="eval")
-    trainer.log_metrics("eval", validation_metrics)
-    test_output = trainer.predict(prepared.test, metric_key_prefix="test")
-    trainer.log_metrics("test", test_output.metrics)
+        # 6. Validation metrics of the selected model, then the test split, evaluated once.
+        validation_metrics = trainer.evaluate(metric_key_prefix="eval")
+        trainer.log_metrics("eval", validation_metrics)
+        test_output = trainer.predict(prepared.test, metric_key_prefix="test")
+        trainer.log_metrics("test", test_output.metrics)
 
-    results = {
-        **train_result.metrics,
-        **validation_metrics,
-        **test_output.metrics,
-        "dataset": spec.flag,
-        "size": spec.size,
-        "task": spec.task,
-        "label_names": list(spec.label_names),
-        "data_md5": data_md5,
-        "best_model_checkpoint": trainer.state.best_model_checkpoint,
-        "trainable_parameters": trainable_parameters,
-        "total_parameters": total_parameters,
-        "train_examples": len(train_split),
-        "train_class_counts": train_labels.sum(axis=0).tolist()
-        if spec.is_multi_label
-        else np.bincount(train_labels, minlength=spec.num_labels).tolist(),
-        "class_weights": None if loss_weights is None else loss_weights.tolist(),
-        "wall_time_seconds": round(time.time() - started, 1),
-        # Provenance for the model card.
-        **run_provenance(model_args, data_args, training_args, model),
-    }
-    if trainer.is_world_process_zero():
-        write_run_outputs(training_args.output_dir, spec, test_output, results,
-                          resolved_config(model_args, data_args, training_args))
-        write_card(training_args.output_dir, repo_id=hub_push.repo_id if hub_push else None)
-        if hub_push is not None:
-            try:
-                push_run(training_args.output_dir, hub_push.repo_id, private=hub_push.private,
-                         revision=hub_push.revision, token=hub_push.token)
-            except UserError as error:
-                raise UserError(
-                    f"training finished and {training_args.output_dir} is complete, but {error}; "
-                    f"retry with: hf-medbeit push {training_args.output_dir} --repo-id {hub_push.repo_id}"
-                ) from error
-    return results
+        results = {
+            **train_result.metrics,
+            **validation_metrics,
+            **test_output.metrics,
+            "dataset": spec.flag,
+            "size": spec.size,
+            "task": spec.task,
+            "label_names": list(spec.label_names),
+            "data_md5": data_md5,
+            "best_model_checkpoint": trainer.state.best_model_checkpoint,
+            "trainable_parameters": trainable_parameters,
+            "total_parameters": total_parameters,
+            "train_examples": len(train_split),
+            "train_class_counts": train_labels.sum(axis=0).tolist()
+            if spec.is_multi_label
+            else np.bincount(train_labels, minlength=spec.num_labels).tolist(),
+            "class_weights": None if loss_weights is None else loss_weights.tolist(),
+            "wall_time_seconds": round(time.time() - started, 1),
+            # Provenance for the model card.
+            **run_provenance(model_args, data_args, training_args, model),
+        }
+        if trainer.is_world_process_zero():
+            write_run_outputs(training_args.output_dir, spec, test_output, results,
+                              resolved_config(model_args, data_args, training_args))
+            write_card(training_args.output_dir, repo_id=hub_push.repo_id if hub_push else None)
+            if hub_push is not None:
+                try:
+                    push_run(training_args.output_dir, hub_push.repo_id, private=hub_push.private,
+                             revision=hub_push.revision, token=hub_push.token)
+                except UserError as error:
+                    raise UserError(
+                        f"training finished and {training_args.output_dir} is complete, but {error}; "
+                        f"retry with: hf-medbeit push {training_args.output_dir} --repo-id {hub_push.repo_id}"
+                    ) from error
+        return results
 
 
 def describe_hardware(training_args) -> str:
