@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from .errors import UserError
 from .modeling import layer_decay_parameter_groups
 
 
@@ -63,6 +64,11 @@ class MedMNISTTrainingArguments(TrainingArguments):
     def __post_init__(self):
         # Remember whether the user chose a folder; if not, the run name names it (see finetune.py).
         self.output_dir_given = self.output_dir is not None
+        if str(self.eval_strategy) in ("no", "IntervalStrategy.NO"):
+            # Checked before TrainingArguments, whose message ("save and eval strategy must match")
+            # hides the reason.
+            raise UserError("--eval_strategy no: the best checkpoint is chosen by validation AUC, which needs "
+                            "evaluation; use --eval_strategy epoch (default) or steps")
         if launched_as_several_processes_without_accelerator():
             # torchrun (accelerate launch) started N processes on a machine with no GPU: accelerate
             # joins them into one group only when told to use the CPU; otherwise each would train
