@@ -4,7 +4,8 @@ Everything about a data set (its file name, URL, MD5, task, class names, licence
 ``medmnist.INFO``; nothing is listed by hand here. The ``.npz`` files are the very ones that
 ``medmnist`` downloads, read from the same root. They are converted once into a ``DatasetDict``
 (``train`` / ``validation`` / ``test``; an ``Image`` column and a ``label`` column with the class
-names) that is cached with ``save_to_disk``, so later runs start in seconds.
+names) that is cached with ``save_to_disk``, so later runs start in seconds. The cache is keyed
+on the MD5 of the file actually given, which is hashed on every run.
 
 The conversion streams each array out of the ``.npz`` archive in chunks, so a 224x224 data set of
 100,000 images never has to sit decoded in memory at once.
@@ -180,33 +181,98 @@ def _corrupt(path: Path, detail: str) -> UserError:
     return UserError(f"{path} is truncated or not a valid MedMNIST .npz ({detail}); delete it and download it again")
 
 
-def _check_split_arrays(spec: MedMNISTSpec, path: Path, images: _NpyMember, labels: np.ndarray, split: str):
-    expected_image_shapes = {(spec.size, spec.size), (spec.size, spec.size, 3)}
-    if tuple(images.shape[1:]) not in expected_image_shapes:
+# The arrays a MedMNIST .npz holds, as MedMNIST's own loader reads them.
+REQUIRED_ARRAYS = tuple(f"{prefix}_{kind}" for prefix in SPLITS.values() for kind in ("images", "labels"))
+
+
+def _unreadable(path: Path, error: OSError) -> UserError:
+    reason = error.strerror or str(error)
+    return UserError(
+        f"cannot read {path}: {reason}; make it a readable file (check its permissions), or pass the folder "
+        "that holds MedMNIST's .npz file as --data_dir"
+    )
+
+
+def _check_members(path: Path, archive: zipfile.ZipFile) -> None:
+    # A missing member is the user's own file being incomplete (an official file with this gap
+    # would have failed its MD5), so say what the format needs rather than "download again".
+    names = set(archive.namelist())
+    missing = [name for name in REQUIRED_ARRAYS if f"{name}.npy" not in names]
+    if missing:
         raise UserError(
-            f"{path}: {split}_images has shape {images.shape}, expected (N, {spec.size}, {spec.size}[, 3]) for "
-            f"{spec.flag} at size {spec.size}; check the file name and --size"
+            f"{path} has no {', '.join(missing)}: a MedMNIST .npz holds the arrays {', '.join(REQUIRED_ARRAYS)}; "
+            "add the missing split(s) to the file (np.savez_compressed with all six arrays)"
         )
+
+
+def _check_image_shape(spec: MedMNISTSpec, path: Path, images: _NpyMember, split: str) -> None:
+    size = spec.size
+    shape = tuple(images.shape)
+    if shape[1:] in {(size, size), (size, size, 3)}:
+        return
+    where = f"{path}: {split}_images has shape {shape}"
+    if shape[1:] == (size, size, 1):
+        raise UserError(
+            f"{where}: a channel axis of size 1 is not MedMNIST's format (gray images are (N, {size}, {size})); "
+            "squeeze the last axis (images[..., 0]) and save the file again"
+        )
+    if len(shape) == 4 and shape[1] in (1, 3) and shape[2:] == (size, size):
+        raise UserError(
+            f"{where}: channels first is not MedMNIST's format (gray (N, {size}, {size}), colour "
+            f"(N, {size}, {size}, 3)); move the channel axis last (np.moveaxis(images, 1, -1), then drop a size-1 axis)"
+        )
+    raise UserError(
+        f"{where}, expected (N, {size}, {size}[, 3]) for {spec.flag} at size {size}; check the file name and --size"
+    )
+
+
+def _check_labels(spec: MedMNISTSpec, path: Path, labels: np.ndarray, split: str) -> None:
+    rule = "labels must be whole class indices"
+    allowed = "0 or 1 (multi-hot)" if spec.is_multi_label else f"0..{spec.num_labels - 1}"
+    classes = ", ".join(spec.label_names)
+    if labels.dtype.kind not in "biuf":
+        raise UserError(
+            f"{path}: {split}_labels has dtype {labels.dtype}, not numbers; {rule} ({allowed}: {classes}), "
+            "stored as integers: fix the labels in the file"
+        )
+    if labels.dtype.kind == "f":
+        # int() would floor 0.5 to 0 and fail on NaN deep inside the conversion: refuse both here.
+        not_whole = ~np.isfinite(labels) | (labels != np.round(labels))
+        if not_whole.any():
+            row = int(np.argwhere(not_whole)[0][0])
+            raise UserError(
+                f"{path}: {split}_labels[{row}] = {labels[row].tolist()} is not a whole number; {rule} "
+                f"({allowed}: {classes}): fix the labels in the file"
+            )
+    if spec.is_multi_label:
+        bad = ~np.isin(labels, (0, 1))
+    else:
+        bad = (labels < 0) | (labels >= spec.num_labels)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise UserError(
+            f"{path}: {split}_labels[{row}] = {labels[row].tolist()} is out of range for {spec.flag} "
+            f"(labels must be {allowed}: {classes}); fix the labels in the file"
+        )
+
+
+def _check_split_arrays(spec: MedMNISTSpec, path: Path, images: _NpyMember, labels: np.ndarray, split: str):
+    _check_image_shape(spec, path, images, split)
     if images.dtype != np.uint8:
         raise UserError(f"{path}: {split}_images is {images.dtype}, expected uint8 as in MedMNIST; convert the file")
+    if len(images) == 0:
+        # Training, model selection and the test evaluation each need their split.
+        raise UserError(
+            f"{path}: the {split} split is empty ({split}_images has 0 rows); MedMNIST's format needs images in "
+            "each of train, val and test: add some to that split"
+        )
     expected_width = spec.num_labels if spec.is_multi_label else 1
     if labels.ndim != 2 or labels.shape != (len(images), expected_width):
         raise UserError(
             f"{path}: {split}_labels has shape {labels.shape}, expected ({len(images)}, {expected_width}); "
             "fix the file so that it has one label row per image"
         )
-    if spec.is_multi_label:
-        bad = ~np.isin(labels, (0, 1))
-        allowed = "0 or 1 (multi-hot)"
-    else:
-        bad = (labels < 0) | (labels >= spec.num_labels)
-        allowed = f"0..{spec.num_labels - 1}"
-    if bad.any():
-        row = int(np.argwhere(bad)[0][0])
-        raise UserError(
-            f"{path}: {split}_labels[{row}] = {labels[row].tolist()} is out of range for {spec.flag} "
-            f"(labels must be {allowed}: {', '.join(spec.label_names)}); fix the labels in the file"
-        )
+    _check_labels(spec, path, labels, split)
 
 
 def _generate_examples(path: str, split_prefix: str, multi_label: bool, row_ranges: list[list[int]]):
@@ -244,10 +310,32 @@ def default_cache_dir() -> str:
     return os.path.join(datasets.config.HF_DATASETS_CACHE, "hf_medbeit")
 
 
-def _fetch(spec: MedMNISTSpec, root: Path, download: bool) -> Path:
+def _check_root(root: Path) -> None:
+    """``--data_dir`` (or a folder above it) must not be a plain file: say so, instead of "not
+    found in FILE" or, with --download, a FileExistsError from mkdir."""
+    for folder in (root, *root.parents):
+        try:
+            if not folder.exists():
+                continue
+        except OSError as error:  # e.g. a folder above it that cannot be searched
+            raise _unreadable(folder, error) from error
+        if not folder.is_dir():
+            where = f"--data_dir {root}" if folder == root else f"{folder}, in --data_dir {root},"
+            raise UserError(f"{where} is a file, not a folder; pass the folder that holds MedMNIST's .npz files")
+        return
+
+
+def _locate(spec: MedMNISTSpec, root: Path, download: bool) -> Path:
+    """The data file actually given: ``root/<filename>``, fetched with ``download`` when missing."""
+    _check_root(root)
     path = root / spec.filename
-    if path.exists():
+    try:
+        path.stat()
         return path
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        raise _unreadable(path, error) from error
     if not download:
         raise UserError(
             f"{spec.filename} not found in {root}: put it there (get it from {spec.url}, MD5 {spec.md5}), "
@@ -256,7 +344,11 @@ def _fetch(spec: MedMNISTSpec, root: Path, download: bool) -> Path:
     # The same downloader and MD5 check that medmnist itself uses.
     from torchvision.datasets.utils import download_url
 
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create {root} to download {spec.filename} into: {error.strerror or error}; "
+                        "pass a writable --data_dir") from error
     try:
         download_url(url=spec.url, root=str(root), filename=spec.filename, md5=spec.md5)
     except Exception as error:  # network errors come in many types; all mean the same to the user
@@ -282,32 +374,28 @@ def load_medmnist(
     None). With ``verify_md5`` the file must match the MD5 in ``medmnist.INFO``; turn it off only
     for your own files in MedMNIST's format. ``num_proc`` processes convert a file that is not
     cached yet (the cache is the same whatever the number).
+
+    The file is always opened and hashed, and the cache is keyed on that MD5: a cache built from
+    one file is never handed out for another (a modified file, another folder, a missing file).
     """
     spec = get_spec(flag, size)
     root = Path(data_dir if data_dir is not None else DEFAULT_ROOT).expanduser()
     cache_root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
 
-    path = root / spec.filename
-    if verify_md5:
-        # An official file is known by INFO's MD5, so a cache built from it needs no re-check.
-        md5 = spec.md5
-        cached = cache_root / f"{spec.flag}_{spec.size}_{md5}_v{CACHE_VERSION}"
-        if cached.exists():
-            logger.info("Loading %s from cache %s", spec.filename, cached)
-            return datasets.load_from_disk(str(cached)), spec, md5
-        path = _fetch(spec, root, download)
-        actual = file_md5(path)
-        if actual != spec.md5:
-            raise UserError(
-                f"{path} has MD5 {actual} but medmnist.INFO expects {spec.md5}: the file is corrupt or another "
-                "version; delete it and download it again (or pass --skip_md5_check for your own file)"
-            )
-    else:
-        path = _fetch(spec, root, download)
+    path = _locate(spec, root, download)
+    try:
         md5 = file_md5(path)
-        cached = cache_root / f"{spec.flag}_{spec.size}_{md5}_v{CACHE_VERSION}"
-        if cached.exists():
-            return datasets.load_from_disk(str(cached)), spec, md5
+    except OSError as error:  # a folder named like the file, no read permission, ...
+        raise _unreadable(path, error) from error
+    if verify_md5 and md5 != spec.md5:
+        raise UserError(
+            f"{path} has MD5 {md5} but medmnist.INFO expects {spec.md5}: the file is corrupt or another "
+            "version; delete it and download it again (or pass --skip_md5_check for your own file)"
+        )
+    cached = cache_root / f"{spec.flag}_{spec.size}_{md5}_v{CACHE_VERSION}"
+    if cached.exists():
+        logger.info("Loading %s (MD5 %s) from cache %s", path, md5, cached)
+        return datasets.load_from_disk(str(cached)), spec, md5
 
     logger.info("Converting %s into a DatasetDict (once; cached in %s)", path, cached)
     cache_root.mkdir(parents=True, exist_ok=True)
@@ -333,6 +421,7 @@ def _convert(spec: MedMNISTSpec, path: Path, work_dir: Path, num_proc: int | Non
     splits, rows = {}, {}
     try:
         with zipfile.ZipFile(path) as archive:
+            _check_members(path, archive)
             for prefix in SPLITS.values():
                 images = _NpyMember(archive, f"{prefix}_images")
                 labels = _NpyMember(archive, f"{prefix}_labels").read()
@@ -436,6 +525,13 @@ def resample(dataset: datasets.Dataset, spec: MedMNISTSpec, method: str, ratio: 
             raise UserError(f"--balance_ratio {ratio} must be the majority class's share, in [0.5, 1); the study used 0.6 and 0.5")
     labels = label_array(dataset)
     counts = np.bincount(labels, minlength=spec.num_labels)
+    if (counts == 0).any():
+        # Undersampling would cut every class to 0 images, oversampling would draw from nothing.
+        missing = [spec.label_names[i] for i in np.flatnonzero(counts == 0)]
+        raise UserError(
+            f"the training split has no example of {', '.join(missing)}: cannot {method} to balance the classes; "
+            "use --balancing none, or training data (and --max_train_samples) with every class"
+        )
     target = _target_counts(counts, ratio, grow=(method == "oversample"))
     rng = np.random.default_rng(seed)
     chosen = []

@@ -7,7 +7,7 @@ import pytest
 from medmnist import INFO
 
 from hf_medbeit.data import (
-    available_sizes, class_weights, flags_2d, get_spec, label_array, load_medmnist, resample,
+    available_sizes, class_weights, file_md5, flags_2d, get_spec, label_array, load_medmnist, resample,
 )
 from hf_medbeit.errors import UserError
 
@@ -62,12 +62,89 @@ def test_official_breastmnist_matches_the_raw_arrays(cache_dir):
     assert dataset["train"].info.license == "CC BY 4.0"
 
 
-def test_second_load_comes_from_the_cache(breast_root, cache_dir):
+def test_second_load_comes_from_the_cache(breast_root, cache_dir, monkeypatch):
+    import hf_medbeit.data as data
+
     load_medmnist("breastmnist", 28, data_dir=breast_root, cache_dir=cache_dir)
-    (breast_root / "breastmnist.npz").unlink()  # the cache alone must be enough now
-    dataset, _, _ = load_medmnist("breastmnist", 28, data_dir=breast_root, cache_dir=cache_dir)
-    assert len(dataset["train"]) == 546
-    assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")], "no staging folder left behind"
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the second load must come from the cache")
+
+    monkeypatch.setattr(data, "_convert", no_conversion)
+    dataset, _, md5 = load_medmnist("breastmnist", 28, data_dir=breast_root, cache_dir=cache_dir)
+    assert len(dataset["train"]) == 546 and md5 == BREASTMNIST_MD5
+    assert [p.name for p in cache_dir.iterdir()] == [f"breastmnist_28_{BREASTMNIST_MD5}_v1"], "one entry, no staging folder"
+
+
+def test_the_cache_is_keyed_on_the_file_given_not_on_the_expected_md5(breast_root, cache_dir, synthetic_root):
+    load_medmnist("breastmnist", 28, data_dir=breast_root, cache_dir=cache_dir)
+    own = synthetic_root("breastmnist", 28, counts=(10, 4, 6))
+    dataset, _, md5 = load_medmnist("breastmnist", 28, data_dir=own, verify_md5=False, cache_dir=cache_dir)
+    assert md5 == file_md5(own / "breastmnist.npz") != BREASTMNIST_MD5
+    assert [len(dataset[s]) for s in dataset] == [10, 4, 6]  # the own file, not the cached official one
+    with pytest.raises(UserError, match=f"has MD5 {md5} but medmnist.INFO expects {BREASTMNIST_MD5}"):
+        load_medmnist("breastmnist", 28, data_dir=own, cache_dir=cache_dir)  # cached, but not official
+    (breast_root / "breastmnist.npz").unlink()
+    with pytest.raises(UserError, match="breastmnist.npz not found in"):
+        load_medmnist("breastmnist", 28, data_dir=breast_root, cache_dir=cache_dir)
+    assert len(list(cache_dir.iterdir())) == 2
+
+
+def test_an_unreadable_data_file_is_one_line_with_the_os_reason(breast_root, cache_dir, monkeypatch):
+    # The tests run as root, for whom chmod does not stop reads: the opener refuses instead.
+    import hf_medbeit.data as data
+
+    path = breast_root / "breastmnist.npz"
+
+    def refuse(file):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(data, "file_md5", refuse)
+    with pytest.raises(UserError) as error:
+        load_medmnist("breastmnist", 28, data_dir=breast_root, cache_dir=cache_dir)
+    assert str(error.value).startswith(f"cannot read {path}: Permission denied; ")
+    assert "\n" not in str(error.value) and "check its permissions" in str(error.value)
+    assert not cache_dir.exists()
+
+
+def test_float_labels_holding_whole_numbers_are_accepted(synthetic_root, cache_dir):
+    root = synthetic_root("bloodmnist", 28, counts=(16, 8, 8))
+    path = root / "bloodmnist.npz"
+    arrays = dict(np.load(path, allow_pickle=False))
+    expected = arrays["train_labels"][:, 0].copy()
+    arrays["train_labels"] = arrays["train_labels"].astype(np.float32)
+    np.savez_compressed(path, **arrays)
+    dataset, _, _ = load_medmnist("bloodmnist", 28, data_dir=root, verify_md5=False, cache_dir=cache_dir)
+    np.testing.assert_array_equal(label_array(dataset["train"]), expected)
+
+
+@pytest.mark.parametrize("bad", [0.5, np.nan, np.inf])
+def test_multi_label_values_that_are_not_whole_numbers_are_refused(synthetic_root, cache_dir, bad):
+    root = synthetic_root("chestmnist", 28, counts=(8, 4, 4))
+    path = root / "chestmnist.npz"
+    arrays = dict(np.load(path, allow_pickle=False))
+    arrays["val_labels"] = arrays["val_labels"].astype(np.float64)
+    arrays["val_labels"][2, 3] = bad
+    np.savez_compressed(path, **arrays)
+    with pytest.raises(UserError, match=r"val_labels\[2\] = .* is not a whole number; labels must be whole class indices"):
+        load_medmnist("chestmnist", 28, data_dir=root, verify_md5=False, cache_dir=cache_dir)
+
+
+def test_channels_first_images_are_told_to_move_the_axis(synthetic_root, cache_dir):
+    root = synthetic_root("bloodmnist", 28, counts=(8, 4, 4))
+    path = root / "bloodmnist.npz"
+    arrays = dict(np.load(path, allow_pickle=False))
+    arrays["test_images"] = np.moveaxis(arrays["test_images"], -1, 1)
+    np.savez_compressed(path, **arrays)
+    with pytest.raises(UserError, match=r"test_images has shape \(4, 3, 28, 28\): channels first .* move the channel axis last"):
+        load_medmnist("bloodmnist", 28, data_dir=root, verify_md5=False, cache_dir=cache_dir)
+
+
+def test_a_real_size_mismatch_keeps_the_size_advice(synthetic_root, cache_dir):
+    root = synthetic_root("breastmnist", 64, counts=(4, 2, 2))
+    (root / "breastmnist_64.npz").rename(root / "breastmnist.npz")
+    with pytest.raises(UserError, match=r"train_images has shape \(4, 64, 64\), expected \(N, 28, 28\[, 3\]\).*--size"):
+        load_medmnist("breastmnist", 28, data_dir=root, verify_md5=False, cache_dir=cache_dir)
 
 
 def test_conversion_streams_in_chunks(monkeypatch, synthetic_root, cache_dir):
