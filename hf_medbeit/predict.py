@@ -8,8 +8,11 @@ batches; memory stays bounded by the batch size however many files there are, an
 written as each batch completes. Images of any size and of the usual modes are accepted:
 grayscale (replicated to RGB, as in training), RGB, RGBA (composited onto black, the background of
 most medical images), palette, and 16-bit grayscale (scaled from 0-65535 to 0-255, not clipped).
-A file that cannot be read is reported on stderr and skipped; the command fails only when no file
-could be read at all.
+A file that cannot be read (including a broken symbolic link or a symbolic link loop) is reported
+on stderr and skipped; the command fails only when no file could be read at all.
+
+Arguments are checked before anything is loaded: the output path, the device, and whether
+``--model`` is a finished run folder (or, if it is not a local path, a Hub id).
 
 The scores are the same as ``transformers.pipeline("image-classification")`` gives (softmax, or
 sigmoid for multi-label models), because the same processor and model compute them.
@@ -19,9 +22,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
+import errno
 import json
 import os
+import stat
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,15 +94,84 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         return to_rgb(image)
 
 
-def find_images(inputs: Iterable[str]) -> list[Path]:
-    """Files named directly (any extension), plus image files found recursively in folders."""
+def _print_skip(path: Path, reason: str) -> None:
+    print(f"hf-medbeit: skipped {path}: {reason}", file=sys.stderr)
+
+
+def _unreachable(path: Path, error: OSError) -> str:
+    """Why ``path`` (which exists as a directory entry) cannot be opened."""
+    if error.errno == errno.ELOOP:
+        return "cannot read it (symbolic link loop)"
+    if os.path.islink(path) and error.errno == errno.ENOENT:
+        return f"cannot read it (broken symbolic link to {os.readlink(path)})"
+    return f"cannot read it ({error.strerror or type(error).__name__})"
+
+
+def _walk_images(root: Path, skip) -> Iterator[Path]:
+    """Image files under ``root``, following folder links; what cannot be used goes to ``skip``.
+
+    os.walk rather than Path.rglob: rglob neither follows links to folders nor says what it could not
+    read (it drops unreadable folders, broken links and link loops without a word). Following links
+    needs a guard: a link back to one of its own ancestors would recurse forever.
+    """
+
+    def unlistable(error: OSError) -> None:
+        skip(Path(error.filename), f"cannot list this folder ({error.strerror})")
+
+    def leads_back(real: str, chain: tuple[str, ...]) -> bool:
+        # Back to a folder already on the way down, or to an ancestor of where the walk stands now
+        # (a link to ".." or "/", which would walk everything above the input folder, then loop).
+        return real in chain or os.path.commonpath([real, chain[-1]]) == real
+
+    chains = {str(root): (os.path.realpath(root),)}  # folder -> real paths of it and the folders above it in the walk
+    for folder, subfolders, files in os.walk(str(root), onerror=unlistable, followlinks=True):
+        chain = chains.pop(folder)
+        kept = []
+        for name in sorted(subfolders):
+            subfolder = os.path.join(folder, name)
+            real = os.path.realpath(subfolder)
+            if leads_back(real, chain):
+                skip(Path(subfolder), f"not followed (symbolic link loop back to {real})")
+            else:
+                chains[subfolder] = (*chain, real)
+                kept.append(name)
+        subfolders[:] = kept
+        for name in sorted(files):
+            path = Path(folder, name)
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as error:
+                # Whatever its name, a link that leads nowhere may hide images: say so.
+                skip(path, _unreachable(path, error))
+                continue
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if stat.S_ISREG(mode):
+                yield path
+            else:
+                skip(path, "cannot read it (not a regular file)")
+
+
+def find_images(inputs: Iterable[str], on_skip=None) -> list[Path]:
+    """Files named directly (any extension), plus image files found recursively in folders.
+
+    Links to files and folders are followed. A broken link, a link loop, a folder that cannot be
+    listed or a special file is passed to ``on_skip(path, reason)`` (default: one line on stderr),
+    never dropped silently. A name that does not exist at all is an error.
+    """
+    skip = on_skip or _print_skip
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend(sorted(_walk_images(path, skip)))
         elif path.exists():
             found.append(path)
+        elif os.path.lexists(path):  # the name is there, as a link that cannot be followed
+            try:
+                os.stat(path)
+            except OSError as error:
+                skip(path, _unreachable(path, error))
         else:
             raise UserError(f"{item} does not exist; pass image files or folders of images")
     return found
@@ -120,18 +196,140 @@ class Classifier:
         return [id2label[index] for index in range(len(id2label))]
 
 
+def check_output_file(output: str, flag: str = "--output", example: str = "predictions.csv") -> None:
+    """Refuse an output path that can never become a file, before any work is done."""
+    path = Path(output)
+    if path.is_dir():
+        raise UserError(f"{flag} {output} is a directory; pass a file name, e.g. {flag} {path / example}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # missing folders are created when writing
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {output}: {parent} is a file, not a folder; choose another location")
+    try:  # the one reliable test (permissions, read-only file systems, root): create a file there
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise UserError(f"{flag} {output}: cannot write in {parent} ({error.strerror}); choose another location") from None
+
+
+def resolve_device(device: str | None) -> str:
+    """The device to run on, checked against what this machine has (default: cuda if available)."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device} is not a device name; use --device cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return device
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UserError(f"--device {device}: no CUDA device is visible on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise UserError(f"--device {device}: only {count} CUDA device(s) are visible (cuda:0 to cuda:{count - 1}); pick one of them or use --device cpu")
+        return device
+    if parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {device}: no MPS (Apple GPU) device is available here; use --device cpu")
+        return device
+    raise UserError(f"--device {device}: predict runs on cpu, cuda or mps; use --device cpu or --device cuda")
+
+
+def _looks_local(model_ref: str) -> bool:
+    prefixes = tuple(f"{start}{separator}" for start in (".", "..") for separator in {os.sep, os.altsep or os.sep})
+    return model_ref in (".", "..") or model_ref.startswith((*prefixes, "~")) or os.path.isabs(model_ref)
+
+
+def check_model_reference(model_ref: str) -> Path | None:
+    """The run folder ``model_ref`` names, or None if it is to be read as a Hub repository id.
+
+    Catches, before anything is loaded, what from_pretrained would report misleadingly: a local
+    path with a typo (reported as a failed Hub download) and a folder without config.json, such
+    as an unfinished run (reported as a config without ``model_type``).
+    """
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(model_ref).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        from .resilience import last_complete_checkpoint
+
+        checkpoint = last_complete_checkpoint(str(path))
+        if checkpoint is not None:
+            raise UserError(
+                f"--model {model_ref} is not a finished run (no config.json yet); pass its last checkpoint, "
+                f"--model {checkpoint}, or finish training by running the same train command again"
+            )
+        if any(path.glob("checkpoint-*")):
+            raise UserError(
+                f"--model {model_ref} is not a finished run (no config.json) and holds no complete checkpoint; "
+                "finish training by running the same train command again"
+            )
+        raise UserError(
+            f"--model {model_ref} has no config.json, so it is not a run folder; pass the folder that "
+            "hf-medbeit train wrote (it holds config.json and model.safetensors) or one of its checkpoint-* folders"
+        )
+    if os.path.lexists(path):
+        raise UserError(f"--model {model_ref} is not a folder; pass a run folder (it holds config.json) or a Hub id USER/NAME")
+    try:
+        validate_repo_id(model_ref)
+        hub_form = True
+    except ValueError:
+        hub_form = False
+    if hub_form and not _looks_local(model_ref):
+        return None
+    # Only a local folder could be meant: say which part of the path is wrong.
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    hint = "check the path"
+    if parent == path.parent and parent.is_dir():
+        nearby = difflib.get_close_matches(path.name, [entry.name for entry in parent.iterdir() if entry.is_dir()], n=1)
+        if nearby:
+            hint = f"did you mean --model {Path(model_ref).parent / nearby[0]}?"
+    else:
+        hint = f"check the path ({parent.absolute()} has no {path.relative_to(parent).parts[0]})"
+    raise UserError(f"--model {model_ref}: the local folder {path.absolute()} does not exist; {hint}")
+
+
+def _hub_failure(model_ref: str, error: Exception) -> UserError:
+    from huggingface_hub import is_offline_mode
+
+    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+    path = Path(model_ref)
+    if os.sep in model_ref and path.parent.is_dir():
+        # "runs/typo" with a local runs/ folder: most likely a mistyped run folder, possibly a Hub id.
+        where = "in the local Hub cache (offline mode is on)" if is_offline_mode() else f"on the Hub ({detail})"
+        return UserError(
+            f"--model {model_ref}: there is no local folder {path.absolute()}, and no Hub repository of that name "
+            f"was found {where} either; check the folder name (ls {path.parent})"
+        )
+    return UserError(
+        f"could not load the model {model_ref!r} ({detail}); pass a run folder or a Hub id "
+        "with config.json, weights and preprocessor_config.json"
+    )
+
+
 def load_classifier(model_ref: str, device: str | None = None, revision: str | None = None) -> Classifier:
     """A model and its image processor from a run folder or a Hub repository id."""
-    import torch
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
+    local = check_model_reference(model_ref)
+    source = str(local) if local is not None else model_ref
     try:
-        model = AutoModelForImageClassification.from_pretrained(model_ref, revision=revision)
-        processor = AutoImageProcessor.from_pretrained(model_ref, revision=revision)
+        model = AutoModelForImageClassification.from_pretrained(source, revision=revision)
+        processor = AutoImageProcessor.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as error:
+        if local is None:
+            raise _hub_failure(model_ref, error) from error
         raise UserError(
-            f"could not load the model {model_ref!r} ({str(error).splitlines()[0]}); pass a run folder or a Hub id "
+            f"could not load the model in {model_ref} ({str(error).splitlines()[0]}); pass a run folder "
             "with config.json, weights and preprocessor_config.json"
         ) from error
     model.eval().to(device)
@@ -216,29 +414,40 @@ def run_predictions(model: str, inputs: list[str], output: str | None, batch_siz
     """The command: returns the number of files scored."""
     from tqdm.auto import tqdm
 
+    # Every argument is checked before the model is loaded, so a mistake costs seconds, not a load.
     if batch_size < 1:
         raise UserError(f"--batch_size {batch_size} must be at least 1")
     kind = "csv"
     if output is not None:
+        check_output_file(output)
         suffix = Path(output).suffix.lower()
         if suffix not in (".csv", ".json"):
             raise UserError(f"--output {output} must end in .csv or .json")
         kind = suffix[1:]
-    paths = find_images(inputs)
+    device = resolve_device(device)
+    check_model_reference(model)
+    failures = []
+
+    def report(path, reason):
+        failures.append(path)
+        tqdm.write(f"hf-medbeit: skipped {path}: {reason}", file=sys.stderr)
+
+    paths = find_images(inputs, on_skip=report)
+    total = len(paths) + len(failures)
     if not paths:
+        if failures:
+            raise UserError(f"none of the {total} files could be read (each is reported above); check the links and permissions")
         raise UserError(f"no image files found in {' '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     classifier = load_classifier(model, device=device, revision=revision)
     names = classifier.label_names
-    failures = []
 
-    def report(path, error):
-        failures.append(path)
+    def unreadable(path, error):
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-        tqdm.write(f"hf-medbeit: skipped {path}: cannot read it as an image ({detail})", file=sys.stderr)
+        report(path, f"cannot read it as an image ({detail})")
 
     def score_all(writer: _Writer) -> None:
         with tqdm(total=len(paths), desc="predict", unit="img", file=sys.stderr, disable=None) as progress:
-            for path, scores in predict_files(classifier, paths, batch_size, on_error=report, progress=progress):
+            for path, scores in predict_files(classifier, paths, batch_size, on_error=unreadable, progress=progress):
                 writer.write(path, scores, _predicted(scores, names, classifier.multi_label))
         writer.close()
 
@@ -250,11 +459,11 @@ def run_predictions(model: str, inputs: list[str], output: str | None, batch_siz
             writer = _Writer(handle, kind, names)
             score_all(writer)
             if writer.rows == 0:
-                raise UserError(f"none of the {len(paths)} files could be read as an image; nothing written")
+                raise UserError(f"none of the {total} files could be read as an image; nothing written")
     if writer.rows == 0:
-        raise UserError(f"none of the {len(paths)} files could be read as an image")
+        raise UserError(f"none of the {total} files could be read as an image")
     print(
-        f"hf-medbeit: scored {writer.rows} of {len(paths)} files"
+        f"hf-medbeit: scored {writer.rows} of {total} files"
         + (f", skipped {len(failures)} unreadable" if failures else "")
         + (f"; wrote {output}" if output else ""),
         file=sys.stderr,

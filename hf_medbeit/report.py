@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .outputs import UnreadableResults, atomic_path, read_results
+from .predict import check_output_file
 
 def _number(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -54,6 +55,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     parser.add_argument("--output", help="Write the table to this .md file (atomically) instead of stdout.")
     args = parser.parse_args(argv)
+    if args.output:
+        check_output_file(args.output, example="results.md")  # before any run is read
 
     rows = []
     for run_dir in args.run_dirs:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import DATA, run_cli
+from conftest import DATA, assert_one_line_error, run_cli
 from hf_medbeit import outputs
 from hf_medbeit.errors import UserError
 from hf_medbeit.predict import find_images, load_image, to_rgb
@@ -173,3 +175,145 @@ def test_load_image_reads_first_frame_of_multiframe(tmp_path):
     path = tmp_path / "stack.tif"
     frames[0].save(path, save_all=True, append_images=frames[1:])
     assert np.asarray(load_image(path))[0, 0].tolist() == [10, 10, 10]
+
+
+# --- Arguments checked before the model is loaded (issue 9, section 4) --------------------------
+# "Loading weights" is transformers' progress line: its absence shows no model was loaded.
+
+
+def test_a_mistyped_local_model_path_is_reported_as_a_missing_folder_not_as_a_hub_failure(run_dir, test_images, tmp_path):
+    image = write_pngs(tmp_path / "imgs", test_images[:1])[0]
+    (tmp_path / "runs" / "tiny-run").mkdir(parents=True)
+
+    result = run_cli("predict", "--model", "./runs/typo-folder", str(image), cwd=tmp_path)
+    line = assert_one_line_error(result, "./runs/typo-folder", f"local folder {tmp_path / 'runs' / 'typo-folder'} does not exist")
+    assert "huggingface.co" not in line and "Loading weights" not in result.stderr
+
+    # A close name in the same folder is suggested.
+    result = run_cli("predict", "--model", "./runs/tiny-rn", str(image), cwd=tmp_path)
+    assert_one_line_error(result, "does not exist", "did you mean --model runs/tiny-run?")
+
+    # runs/typo-folder could also be a Hub id (namespace "runs"): both readings are ruled out.
+    result = run_cli("predict", "--model", "runs/typo-folder", str(image), cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(result, f"no local folder {tmp_path / 'runs' / 'typo-folder'}", "no Hub repository", "offline")
+
+
+def test_a_hub_id_whose_namespace_is_also_a_local_folder_still_loads_from_the_hub(run_dir, test_images, tmp_path):
+    """The local-path checks must not swallow Hub ids: user/tiny, with a local user/ folder, is
+    loaded by from_pretrained from the Hub cache (offline, as a model downloaded earlier is)."""
+    snapshot = tmp_path / "hf_home" / "hub" / "models--user--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        shutil.copy(run_dir / name, snapshot / name)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    (tmp_path / "user").mkdir()
+    image = write_pngs(tmp_path / "imgs", test_images[:1])[0]
+
+    result = run_cli("predict", "--model", "user/tiny", str(image), cwd=tmp_path,
+                     env={"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = result.stdout.splitlines()[1].split(",")
+    np.testing.assert_allclose([float(value) for value in row[-2:]], expected_scores(run_dir, 1)[0], atol=ATOL)
+
+
+def test_an_unfinished_run_folder_points_to_its_last_checkpoint_which_then_works(run_dir, test_images, tmp_path):
+    # A run stopped after its first epoch: checkpoints, but no config.json at the top yet.
+    unfinished = tmp_path / "unfinished"
+    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    shutil.copytree(checkpoints[0], unfinished / checkpoints[0].name)
+    image = write_pngs(tmp_path / "imgs", test_images[:1])[0]
+    output = tmp_path / "out.csv"
+
+    result = run_cli("predict", "--model", str(unfinished), str(image), "--output", str(output))
+    assert_one_line_error(result, "not a finished run", "no config.json", f"--model {unfinished / checkpoints[0].name}")
+    assert "model_type" not in result.stderr and not output.exists()
+
+    retry = run_cli("predict", "--model", str(unfinished / checkpoints[0].name), str(image), "--output", str(output))
+    assert retry.returncode == 0, retry.stderr[-3000:]
+    assert len(read_csv_scores(output)) == 1
+
+
+def test_a_folder_without_config_json_or_checkpoints_is_not_a_run(run_dir, test_images, tmp_path):
+    image = write_pngs(tmp_path / "imgs", test_images[:1])[0]
+    with pytest.raises(UserError, match="has no config.json, so it is not a run folder"):
+        predict_main(["--model", str(tmp_path / "imgs"), str(image)])
+    (tmp_path / "killed" / "checkpoint-7").mkdir(parents=True)  # its save never finished
+    with pytest.raises(UserError, match="holds no complete checkpoint; finish training"):
+        predict_main(["--model", str(tmp_path / "killed"), str(image)])
+    with pytest.raises(UserError, match="is not a folder"):
+        predict_main(["--model", str(image), str(image)])
+
+
+def test_device_cuda_without_a_visible_gpu_is_one_line_that_says_use_cpu(run_dir, test_images, tmp_path):
+    image = write_pngs(tmp_path / "imgs", test_images[:1])[0]
+    # An empty CUDA_VISIBLE_DEVICES hides every GPU, so this holds on a GPU machine too.
+    result = run_cli("predict", "--model", str(run_dir), str(image), "--device", "cuda", env={"CUDA_VISIBLE_DEVICES": ""})
+    line = assert_one_line_error(result, "--device cuda", "no CUDA device is visible", "use --device cpu")
+    assert "Loading weights" not in result.stderr, line
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "--device gpu is not a device name; use --device cpu, cuda or cuda:N"),
+    ("cuda:x", "--device cuda:x is not a device name"),
+    ("meta", "--device meta: predict runs on cpu, cuda or mps"),
+])
+def test_an_unknown_device_string_is_a_user_error(run_dir, tmp_path, device, message):
+    with pytest.raises(UserError, match=message):
+        predict_main(["--model", str(run_dir), str(tmp_path), "--device", device])
+
+
+def test_output_that_is_a_directory_is_refused_before_the_model_is_loaded(run_dir, test_images, tmp_path):
+    image = write_pngs(tmp_path / "imgs", test_images[:1])[0]
+    existing = tmp_path / "results.csv"  # a folder, even with the right suffix
+    existing.mkdir()
+    result = run_cli("predict", "--model", str(run_dir), str(image), "--output", str(existing))
+    assert_one_line_error(result, f"--output {existing} is a directory", f"--output {existing / 'predictions.csv'}")
+    assert "Loading weights" not in result.stderr
+    assert list(existing.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "results.csv"]
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        predict_main(["--model", str(run_dir), str(image), "--output", str(image / "out.csv")])
+
+
+def test_symlink_loops_and_broken_links_are_reported_as_skipped(run_dir, test_images, tmp_path):
+    expected = expected_scores(run_dir, 2)
+    folder = tmp_path / "scans"
+    good = write_pngs(folder, test_images[:2])
+    os.symlink("self.png", folder / "self.png")  # a link to itself: ELOOP
+    os.symlink("b.png", folder / "a.png")  # a two-link cycle
+    os.symlink("a.png", folder / "b.png")
+    os.symlink("moved-away.png", folder / "gone.png")
+    os.symlink("..", folder / "up")  # a folder link back above the input: would walk everything, then loop
+    named = tmp_path / "named.png"
+    os.symlink("named.png", named)  # named on the command line
+    output = tmp_path / "out.csv"
+
+    result = run_cli("predict", "--model", str(run_dir), str(folder), str(named), "--output", str(output))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for path in (folder / "self.png", folder / "a.png", folder / "b.png", named):
+        assert f"hf-medbeit: skipped {path}: cannot read it (symbolic link loop)" in result.stderr
+    assert f"hf-medbeit: skipped {folder / 'gone.png'}: cannot read it (broken symbolic link to moved-away.png)" in result.stderr
+    assert f"hf-medbeit: skipped {folder / 'up'}: not followed (symbolic link loop back to {tmp_path.resolve()})" in result.stderr
+    assert "scored 2 of 8 files, skipped 6 unreadable" in result.stderr
+    scores = read_csv_scores(output)
+    assert list(scores) == list(map(str, good))
+    np.testing.assert_allclose(np.array(list(scores.values())), expected, atol=ATOL)
+
+    # Nothing readable at all: still one error line, and the loop is still named.
+    only_loop = run_cli("predict", "--model", str(run_dir), str(named), "--output", str(tmp_path / "none.csv"))
+    assert_one_line_error(only_loop, "none of the 1 files could be read")
+    assert f"skipped {named}: cannot read it (symbolic link loop)" in only_loop.stderr
+    assert not (tmp_path / "none.csv").exists()
+
+
+def test_find_images_follows_folder_links_and_stops_at_loops(tmp_path):
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "a" / "1.png").write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "2.png").write_bytes(b"x")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "linked")  # followed, as rglob would not
+    os.symlink("../data", tmp_path / "elsewhere" / "back")  # data/linked/back -> data: a loop
+    skipped = []
+    found = find_images([str(tmp_path / "data")], on_skip=lambda path, reason: skipped.append((path, reason)))
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["data/a/1.png", "data/linked/2.png"]
+    assert skipped == [(tmp_path / "data" / "linked" / "back", f"not followed (symbolic link loop back to {(tmp_path / 'data').resolve()})")]
