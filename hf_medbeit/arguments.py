@@ -230,6 +230,8 @@ def _read_config_file(config_file: str, parser) -> dict:
 def _cast(config_file: str, key: str, value, action):
     """A file value as the command line would have parsed it: strings through the field's own
     type (``"1e-3"`` -> 0.001, ``"true"`` -> True), other values checked against its choices."""
+    if value is None:
+        return None  # null in a file: the field's "not set" (run_config.json writes every unset field so)
     if isinstance(value, list) and action.nargs in ("+", "*"):
         return [_cast(config_file, key, item, action) for item in value]
     if isinstance(value, bool) and action.type is str:
