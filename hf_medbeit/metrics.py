@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 from scipy.special import expit, softmax
@@ -21,6 +22,10 @@ from scipy.stats import bootstrap
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, multilabel_confusion_matrix, recall_score, roc_auc_score
 
 from .data import MULTI_LABEL_TASK
+
+# The AUC and ACC below as a stand-alone Hugging Face `evaluate` module, for users outside this
+# package: evaluate.load(EVALUATE_METRIC_PATH, "binary-class"). A str, as evaluate.load expects.
+EVALUATE_METRIC_PATH = str(Path(__file__).with_name("medmnist_metric"))
 
 
 def scores_from_logits(logits: np.ndarray, task: str) -> np.ndarray:
