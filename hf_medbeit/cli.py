@@ -16,6 +16,8 @@ commands:
   predict  classify image files with a run folder or a Hub model (hf-medbeit predict --help)
   push     push a finished run folder to the Hugging Face Hub (hf-medbeit push --help)
   benchmark  one results table from finished run folders (hf-medbeit benchmark --help)
+  study    run a grid of runs (models x data sets x seeds ...), one process per cell, and write one
+           results table beside the quoted references (hf-medbeit study --help)
 """
 
 
@@ -59,7 +61,13 @@ def _benchmark(argv: list[str]) -> None:
     main(argv)
 
 
-COMMANDS = {"train": _train, "predict": _predict, "push": _push, "benchmark": _benchmark}
+def _study(argv: list[str]) -> None:
+    from .study import main
+
+    main(argv)
+
+
+COMMANDS = {"train": _train, "predict": _predict, "push": _push, "benchmark": _benchmark, "study": _study}
 
 
 def main(argv: list[str] | None = None) -> None:
