@@ -52,6 +52,29 @@ def hub_env(double: HubDouble, home: Path, token: str | None = TOKEN) -> dict:
     return env
 
 
+def user_env(double: HubDouble, tmp_path: Path, token: str | None = TOKEN) -> tuple[dict, Path]:
+    """A user whose home, Hugging Face home, temporary folder and working folder all lie in
+    ``tmp_path``, so that a test can look at every file the command wrote. Returns the
+    environment and the working folder."""
+    home, work, temporary = tmp_path / "user_home", tmp_path / "cwd", tmp_path / "tmp"
+    for folder in (home, work, temporary):
+        folder.mkdir(exist_ok=True)
+    env = hub_env(double, home / ".cache" / "huggingface", token)  # where HF_HOME is by default
+    env.update(HOME=str(home), TMPDIR=str(temporary), XDG_CACHE_HOME=str(home / ".cache"),
+               XDG_CONFIG_HOME=str(home / ".config"))
+    return env, work
+
+
+def assert_no_file_holds_the_token(folder: Path) -> None:
+    """Not the run folder, not $HF_HOME/token nor huggingface_hub's stored tokens, not HOME or
+    the working folder: the token lives in memory only."""
+    secret = TOKEN.encode()
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    assert files, f"nothing was written under {folder}"
+    written = [str(path) for path in files if secret in path.read_bytes()]
+    assert not written, f"token written to {written}"
+
+
 @pytest.fixture
 def in_process_hub(double, monkeypatch, tmp_path):
     """Point this process's huggingface_hub at the double."""
@@ -127,13 +150,13 @@ def test_train_with_push_to_hub_round_trip(double, tmp_path):
     """--push_to_hub: one push of the finished run (no checkpoint pushes), token kept out of every
     file; the model loads back from the 'Hub' with pipeline and gives the run's own test scores."""
     run = tmp_path / "pushed_run"
-    env = hub_env(double, tmp_path / "trainer_home", token=None)  # the token comes from --hub_token only
+    env, work = user_env(double, tmp_path, token=None)  # the token comes from --hub_token only
     result = run_cli(
         "train", "--dataset_name", "breastmnist", "--data_dir", str(DATA), "--dataset_cache_dir", str(tmp_path / "cache"),
         "--model_type", "beit", "--config_overrides", TINY_BEIT, "--output_dir", str(run), "--num_train_epochs", "2",
         "--learning_rate", "1e-3", "--balancing", "weighted_loss", "--report_to", "none",
         "--push_to_hub", "--hub_model_id", "user/tiny-beit-breastmnist", "--hub_token", TOKEN,
-        env=env,
+        env=env, cwd=work,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert TOKEN not in result.stdout + result.stderr  # not in the logs either
@@ -155,13 +178,15 @@ def test_train_with_push_to_hub_round_trip(double, tmp_path):
     np.testing.assert_allclose(loaded["pipeline"], expected, atol=ATOL)
     np.testing.assert_allclose(loaded["from_pretrained"], expected, atol=ATOL)
     np.testing.assert_allclose(loaded["command"], expected[0], atol=ATOL)
+    assert_no_file_holds_the_token(tmp_path)  # the run, the cache, HOME, HF_HOME, TMPDIR, the working folder
 
 
 def test_push_command_uploads_run_and_leaves_it_untouched(double, run_dir, tmp_path):
     run = copy_run(run_dir, tmp_path / "run")
     before = snapshot(run)
-    env = hub_env(double, tmp_path / "home")
-    result = run_cli("push", str(run), "--repo-id", "someone/pushed-later", "--private", "--revision", "v1", env=env)
+    env, work = user_env(double, tmp_path)  # the token comes from HF_TOKEN
+    result = run_cli("push", str(run), "--repo-id", "someone/pushed-later", "--private", "--revision", "v1",
+                     env=env, cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pushed" in result.stdout
     assert snapshot(run) == before
@@ -172,6 +197,7 @@ def test_push_command_uploads_run_and_leaves_it_untouched(double, run_dir, tmp_p
     assert not [name for name in files if "checkpoint-" in name or name.endswith((".pt", ".pth"))]
     assert double.files("someone/pushed-later", "main") == {}  # only the branch got the commit
     assert_token_nowhere(run, double)
+    assert_no_file_holds_the_token(tmp_path)  # the run, HOME, HF_HOME, TMPDIR, the working folder
 
 
 def test_push_with_wrong_token_fails_in_one_line(double, run_dir, tmp_path):

@@ -70,9 +70,35 @@ def test_auc_undefined_is_nan_not_a_crash():
     assert np.isnan(value)
 
 
-def test_bootstrap_interval_brackets_the_auc():
+def percentile_bootstrap(y, scores, task, n_resamples, seed, level=0.95):
+    """The 95% percentile bootstrap written out: resample test images (label and score together)
+    with replacement, recompute the AUC, take the 2.5th and 97.5th percentiles. The draws are
+    ``Generator.integers(0, n, (n_resamples, n))``, as scipy.stats.bootstrap makes them."""
+    rng = np.random.default_rng(seed)
+    resamples = rng.integers(0, len(y), (n_resamples, len(y)))
+    aucs = np.array([medmnist_auc(y[i], scores[i], task) for i in resamples])
+    tail = (1 - level) / 2 * 100
+    return np.percentile(aucs, tail), np.percentile(aucs, 100 - tail)
+
+
+@pytest.mark.parametrize("task,n_resamples", [("binary-class", 200), ("multi-class", 30), ("multi-label, binary-class", 30)])
+def test_bootstrap_interval_is_the_percentile_bootstrap_of_the_auc(task, n_resamples):
+    y, logits = _predictions(task, n=200)
+    scores = scores_from_logits(logits, task)
+    low, high = auc_confidence_interval(y, scores, task, n_resamples=n_resamples, seed=3)
+    assert (low, high) == pytest.approx(percentile_bootstrap(y, scores, task, n_resamples, seed=3), abs=1e-12)
+    assert low < medmnist_auc(y, scores, task) < high
+
+
+def test_bootstrap_interval_has_a_fixed_default_seed():
+    """Two runs with the same predictions report the same interval (seed 0 unless told)."""
     y, logits = _predictions("binary-class", n=200)
     scores = scores_from_logits(logits, "binary-class")
-    low, high = auc_confidence_interval(y, scores, "binary-class", n_resamples=200)
-    assert low < medmnist_auc(y, scores, "binary-class") < high
-    assert (low, high) == auc_confidence_interval(y, scores, "binary-class", n_resamples=200)
+    interval = auc_confidence_interval(y, scores, "binary-class", n_resamples=100)
+    assert interval == pytest.approx(percentile_bootstrap(y, scores, "binary-class", 100, seed=0), abs=1e-12)
+
+
+def test_bootstrap_interval_of_a_perfect_ranking_is_a_point():
+    y = np.array([0] * 20 + [1] * 30)
+    scores = np.stack([1 - np.linspace(0, 1, 50), np.linspace(0, 1, 50)], axis=1)
+    assert auc_confidence_interval(y, scores, "binary-class", n_resamples=100) == (1.0, 1.0)

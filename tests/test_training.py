@@ -1,20 +1,26 @@
-"""The weighted loss (hand-computed, and invariant to gradient accumulation) and layer decay."""
+"""The weighted loss (hand-computed, invariant to gradient accumulation, and really used by the
+recipe), layer decay, and the reload of the best checkpoint at the end of training."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BeitConfig, BeitForImageClassification
+from safetensors.torch import load_file
+from transformers import BeitConfig, BeitForImageClassification, TrainingArguments
 
+from conftest import TINY_BEIT, write_medmnist_npz
+from hf_medbeit import finetune
 from hf_medbeit.training import MedMNISTTrainingArguments, WeightedLossTrainer
 
 
-def tiny_beit(num_labels=2, problem_type="single_label_classification", seed=0):
+def tiny_beit(num_labels=2, problem_type="single_label_classification", seed=0, num_hidden_layers=2):
     torch.manual_seed(seed)
     config = BeitConfig(
-        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=28,
+        hidden_size=16, num_hidden_layers=num_hidden_layers, num_attention_heads=2, intermediate_size=32, image_size=28,
         patch_size=7, num_labels=num_labels, problem_type=problem_type,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
     )
@@ -34,7 +40,9 @@ class TensorDataset(torch.utils.data.Dataset):
 
 def make_trainer(tmp_path, model, dataset=None, **kwargs):
     trainer_kwargs = {key: kwargs.pop(key) for key in ("class_weights", "multi_label", "layer_decay") if key in kwargs}
-    args = MedMNISTTrainingArguments(
+    # Plain TrainingArguments: the recipe's own arguments insist on evaluation (model selection by
+    # validation AUC), which these tests of the loss and the optimizer do not need.
+    args = TrainingArguments(
         output_dir=str(tmp_path / "out"), report_to="none", save_strategy="no", eval_strategy="no",
         load_best_model_at_end=False, disable_tqdm=True, use_cpu=True, **kwargs,
     )
@@ -116,3 +124,107 @@ def test_training_args_defaults_are_the_study():
     args = MedMNISTTrainingArguments(output_dir="x", report_to="none")
     assert (args.num_train_epochs, args.learning_rate, args.per_device_train_batch_size, args.seed) == (5, 3e-4, 32, 42)
     assert args.metric_for_best_model == "auc" and args.load_best_model_at_end and args.greater_is_better
+
+
+def test_load_best_model_restores_the_checkpoint_weights_exactly(tmp_path):
+    """transformers 5 renamed BEiT's modules in memory but saves the Hub's names; Trainer's own
+    reload matches none of them and only warns. Ours must bring back every tensor."""
+    model = tiny_beit(seed=0)
+    trainer = make_trainer(tmp_path, model)
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    trainer.save_model(str(checkpoint))
+    saved = {name: value.clone() for name, value in model.state_dict().items()}
+    with torch.no_grad():  # training went on after the best checkpoint
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    trainer.state.best_model_checkpoint = str(checkpoint)
+    trainer._load_best_model()
+    restored = model.state_dict()
+    assert restored.keys() == saved.keys()
+    for name, value in saved.items():
+        assert torch.equal(restored[name], value), f"{name} was not restored from {checkpoint}"
+
+
+def test_load_best_model_refuses_a_checkpoint_that_lacks_weights(tmp_path):
+    """A checkpoint that does not cover the model (here one block of two) is an error, never a
+    warning that leaves the missing weights as training left them."""
+    tiny_beit(num_hidden_layers=1).save_pretrained(tmp_path / "checkpoint-other")
+    trainer = make_trainer(tmp_path, tiny_beit(num_hidden_layers=2))
+    trainer.state.best_model_checkpoint = str(tmp_path / "checkpoint-other")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        trainer._load_best_model()
+
+
+def imbalanced_breastmnist(root, train_labels):
+    """A synthetic BreastMNIST file whose training labels are ``train_labels`` (MedMNIST's format)."""
+    path = write_medmnist_npz(root / "breastmnist.npz", "breastmnist", counts=(len(train_labels), 16, 16))
+    arrays = dict(np.load(path))
+    arrays["train_labels"] = np.asarray(train_labels, dtype=np.uint8).reshape(-1, 1)
+    np.savez_compressed(path, **arrays)
+    return root
+
+
+def recipe(tmp_path, data_root, *extra):
+    return [
+        "--dataset_name", "breastmnist", "--data_dir", str(data_root), "--skip_md5_check",
+        "--dataset_cache_dir", str(tmp_path / "cache"), "--model_type", "beit", "--config_overrides", TINY_BEIT,
+        "--output_dir", str(tmp_path / "run"), "--report_to", "none", "--use_cpu", "--disable_tqdm", "True", *extra,
+    ]
+
+
+@pytest.mark.e2e
+def test_recipe_trains_with_the_class_weights_it_records(tmp_path, monkeypatch):
+    """The card and all_results.json record the class weights whether the loss used them or not;
+    the loss itself must get them. Every cross-entropy of the run (training and evaluation) is
+    watched."""
+    # 12 malignant, 36 benign: weights n / (k * count) = 2 and 2/3.
+    root = imbalanced_breastmnist(tmp_path / "data", [0] * 12 + [1] * 36)
+    used = []
+    cross_entropy = F.cross_entropy
+
+    def spy(logits, labels, weight=None, *args, **kwargs):
+        used.append(None if weight is None else weight.detach().cpu().numpy().copy())
+        return cross_entropy(logits, labels, weight, *args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", spy)
+    results = finetune.main(recipe(tmp_path, root, "--balancing", "weighted_loss", "--max_steps", "1",
+                                   "--per_device_train_batch_size", "16"))
+    np.testing.assert_allclose(results["class_weights"], [2.0, 2 / 3], rtol=1e-12)
+    assert used, "the loss was never computed"
+    for weights in used:
+        assert weights is not None, "the loss ran without the recorded class weights"
+        np.testing.assert_allclose(weights, results["class_weights"], rtol=1e-6)
+
+
+@pytest.mark.e2e
+def test_saved_model_is_the_best_checkpoint_when_the_best_epoch_is_not_the_last(tmp_path, monkeypatch):
+    """Validation AUC forced to 0.9, 0.6, 0.7 over three epochs of 2 steps: the best checkpoint is
+    the first (checkpoint-2). The run folder's model must be it, not the last one (checkpoint-6)."""
+    root = imbalanced_breastmnist(tmp_path / "data", [0, 1] * 16)
+    forced = iter([0.9, 0.6, 0.7])  # the three evaluations during training; later ones are real
+    make_compute_metrics = finetune.make_compute_metrics
+
+    def scripted(task, label_names):
+        compute = make_compute_metrics(task, label_names)
+
+        def compute_metrics(eval_prediction):
+            metrics = compute(eval_prediction)
+            metrics["auc"] = next(forced, metrics["auc"])
+            return metrics
+
+        return compute_metrics
+
+    monkeypatch.setattr(finetune, "make_compute_metrics", scripted)
+    results = finetune.main(recipe(tmp_path, root, "--num_train_epochs", "3", "--per_device_train_batch_size", "16",
+                                   "--learning_rate", "1e-3"))
+    run = tmp_path / "run"
+    state = json.loads((run / "trainer_state.json").read_text())
+    assert [entry["eval_auc"] for entry in state["log_history"] if "eval_auc" in entry] == [0.9, 0.6, 0.7]
+    assert state["global_step"] == 6 and results["best_model_checkpoint"] == str(run / "checkpoint-2")
+    saved = load_file(run / "model.safetensors")
+    best = load_file(run / "checkpoint-2" / "model.safetensors")
+    last = load_file(run / "checkpoint-6" / "model.safetensors")
+    assert saved.keys() == best.keys() == last.keys()
+    for name in saved:
+        assert torch.equal(saved[name], best[name]), f"{name} is not the best checkpoint's"
+    assert any(not torch.equal(saved[name], last[name]) for name in saved), "the last checkpoint equals the best"
