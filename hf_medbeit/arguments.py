@@ -35,9 +35,24 @@ class ModelArguments:
         default=None,
         metadata={"help": "Train from scratch: a transformers model type (beit, vit, ...) built from its default config."},
     )
+    config_name: str | None = field(
+        default=None,
+        metadata={"help": "Train from scratch: a config.json file, a folder holding one, or a Hub id, as in Hugging Face's "
+                  "example scripts (e.g. a TimmWrapperConfig naming any timm architecture)."},
+    )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "With --model_type: config fields as key=value,key=value (e.g. hidden_size=64,num_hidden_layers=2,image_size=28,patch_size=4)."},
+        metadata={"help": "With --model_type or --config_name: config fields as key=value,key=value; values may be lists "
+                  "or JSON (e.g. depths=[2,2,2,2],hidden_sizes=[64,128,256,512],layer_type=basic)."},
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Models built from a config: resize images to N x N (e.g. 224). Default: the data set's own "
+                  "size (28 for MedMNIST 28), or the config's image_size. Never centre-cropped."},
+    )
+    resample: Literal["nearest", "bilinear", "bicubic"] = field(
+        default="bilinear",
+        metadata={"help": "Models built from a config: how images are resized to --image_size (MedMNIST v2's 224 rows: nearest)."},
     )
     image_processor_name: str | None = field(
         default=None, metadata={"help": "Image processor to use, if not the checkpoint's own."}
@@ -64,8 +79,8 @@ class ModelArguments:
     def __post_init__(self):
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise UserError(f"--layer_decay {self.layer_decay} must be in (0, 1]; the BEiT paper uses 0.65 to 0.9")
-        if self.config_overrides and not self.model_type:
-            raise UserError("--config_overrides needs --model_type (it builds a new model from a config)")
+        if self.config_overrides and not (self.model_type or self.config_name):
+            raise UserError("--config_overrides needs --model_type or --config_name (it builds a new model from a config)")
 
 
 @dataclass
@@ -168,6 +183,19 @@ def validate(model_args, data_args, training_args) -> None:
         raise UserError(f"--weight_decay {training_args.weight_decay:g} must be 0 or more")
     if model_args.trainable_top_layers is not None and model_args.trainable_top_layers < 0:
         raise UserError(f"--trainable_top_layers {model_args.trainable_top_layers} must be 0 or more")
+    if model_args.model_type and model_args.config_name:
+        raise UserError(f"--model_type {model_args.model_type} and --config_name {model_args.config_name} both say which "
+                        "model to build; keep one of them")
+    if model_args.image_size is not None:
+        if model_args.image_size < 1:
+            raise UserError(f"--image_size {model_args.image_size} must be 1 or more (pixels per side)")
+        if not (model_args.model_type or model_args.config_name):
+            raise UserError("--image_size applies to models built from a config (--model_type or --config_name); a "
+                            "checkpoint keeps its own image processor: drop --image_size or pass --image_processor_name")
+    if model_args.model_type or model_args.config_name:
+        from .modeling import build_config
+
+        build_config(model_args, spec)  # unknown keys, unreadable values or a missing config file, before any data
     if data_args.balance_ratio is not None:
         if spec.num_labels != 2:
             raise UserError(f"--balance_ratio applies to binary tasks; {spec.flag} has {spec.num_labels} classes and "

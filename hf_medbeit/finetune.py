@@ -66,7 +66,7 @@ def setup_logging(training_args) -> None:
 
 
 def default_run_name(model_args, data_args) -> str:
-    model = model_args.model_type or Path(model_args.model_name_or_path.rstrip("/")).name
+    model = model_args.model_type or Path((model_args.config_name or model_args.model_name_or_path).rstrip("/")).name.removesuffix(".json")
     return f"{model}-{data_args.dataset_name}-{data_args.size}-{data_args.balancing}"
 
 
@@ -254,7 +254,7 @@ def run_provenance(model_args, data_args, training_args, model) -> dict:
     import huggingface_hub
     import torch
 
-    from_scratch = bool(model_args.model_type)
+    from_scratch = bool(model_args.model_type or model_args.config_name)
     checkpoint = model_args.model_name_or_path
     hyperparameters = {}
     for name in RECORDED_HYPERPARAMETERS:

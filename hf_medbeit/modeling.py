@@ -2,18 +2,29 @@
 
 * ``load_model``: any ``AutoModelForImageClassification`` checkpoint with the data set's class
   names in ``id2label``/``label2id`` (so the Hub widget and ``pipeline`` show them) and a new head
-  (``ignore_mismatched_sizes``); or a randomly initialised model from ``--model_type`` plus
-  ``--config_overrides`` (how tests and offline runs make a small BEiT).
+  (``ignore_mismatched_sizes``); or a randomly initialised model built from a config:
+  ``--model_type`` (transformers' default config for that type) or ``--config_name`` (a
+  ``config.json`` file or folder, or a Hub id, as in Hugging Face's example scripts), either one
+  changed by ``--config_overrides``, whose values may be lists or mappings
+  (``depths=[2,2,2,2],layer_type=basic``).
+* ``load_image_processor``: the checkpoint's own processor; for a model built from a config, one
+  built here: resize to the input size (the data set's own by default, or ``--image_size``) with
+  ``--resample``, no crop, mean and std 0.5 as MedMNIST v2 normalises. It is saved with the model,
+  so ``from_pretrained`` and ``pipeline`` see the inputs the model was trained on.
 * ``freeze_all_but_top_layers``: the study's partial fine-tuning (BEiT-large, top 5 blocks).
 * ``layer_decay_parameter_groups``: BEiT's layer-wise learning-rate decay.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
+import yaml
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PretrainedConfig, PreTrainedModel
+from transformers.image_utils import PILImageResampling
 from transformers.models.auto.image_processing_auto import (
     IMAGE_PROCESSOR_MAPPING_NAMES,
     get_image_processor_class_from_name,
@@ -23,6 +34,15 @@ from .data import MedMNISTSpec
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
+
+# Fields a config derives from others (backbone stage names from the depth): dropped from a
+# config file before it is rebuilt with overrides, so that they follow the new values.
+_DERIVED_FIELDS = ("stage_names", "out_features", "out_indices", "_out_features", "_out_indices")
+# What a config file holds that is not an argument of its class's constructor.
+_NOT_ARGUMENTS = ("model_type", "transformers_version", "architectures")
+# MedMNIST v2 normalises every image with mean 0.5 and std 0.5 (its train_and_eval_pytorch.py).
+MEDMNIST_MEAN_STD = [0.5, 0.5, 0.5]
+RESAMPLE_MODES = ("nearest", "bilinear", "bicubic")
 
 
 def label_config(spec: MedMNISTSpec) -> dict:
@@ -36,25 +56,176 @@ def label_config(spec: MedMNISTSpec) -> dict:
     }
 
 
+def builds_from_config(model_args) -> bool:
+    """A randomly initialised model from ``--model_type`` or ``--config_name``, not a checkpoint."""
+    return bool(model_args.model_type or model_args.config_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: --model_type / --config_name, changed by --config_overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def _split_top_level(text: str) -> list[str]:
+    """``a=1,b=[1,2],c={"x":1,"y":2}`` -> items split on the commas outside brackets and quotes."""
+    items, depth, quote, start = [], 0, None, 0
+    for index, char in enumerate(text):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(text[start:index])
+            start = index + 1
+    items.append(text[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+def parse_config_overrides(text: str | None) -> dict[str, tuple[str, object]]:
+    """``key=value,key=value`` -> {key: (raw text, value)}. Values are read as JSON, else YAML
+    (``[2,2,2,2]``, ``{"a": 1}``, ``true``, ``1e-3``, ``basic``); ``PretrainedConfig.update_from_string``
+    reads no lists. Raises ``UserError`` on text that is not ``key=value``."""
+    overrides = {}
+    for item in _split_top_level(text or ""):
+        key, equals, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not equals or not key or not raw:
+            raise UserError(f"bad --config_overrides item {item!r}: write key=value,key=value, with lists as "
+                            "depths=[2,2,2,2]")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as error:
+                raise UserError(f"bad --config_overrides value {key}={raw} ({' '.join(str(error).split())[:80]}); "
+                                "write lists as [2,2,2,2] and mappings as {\"key\": 1}") from error
+        overrides[key] = (raw, value)
+    return overrides
+
+
+def _cast_override(config_class: type, default: PretrainedConfig, key: str, raw: str, value):
+    """``value`` as the field's type: a str field keeps the text as written (``layer_type=basic``);
+    a bool, number or list field must get one."""
+    current = getattr(default, key)
+    kind = None
+    if isinstance(current, bool):
+        kind = "true or false" if not isinstance(value, bool) else None
+    elif isinstance(current, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            kind = "a number"
+        elif isinstance(current, int) and isinstance(value, float):
+            kind = "a whole number" if value != int(value) else None
+            value = int(value)
+    elif isinstance(current, (list, tuple)):
+        kind = "a list such as [2,2,2,2]" if not isinstance(value, list) else None
+    elif isinstance(current, str):
+        return raw
+    if kind:
+        raise UserError(f"bad --config_overrides value {key}={raw}: {config_class.__name__}.{key} takes {kind}")
+    return value
+
+
+def _config_source(model_args) -> tuple[type, dict, str]:
+    """(config class, the config file's fields, what to call it in messages)."""
+    if model_args.model_type:
+        try:
+            config = AutoConfig.for_model(model_args.model_type)
+        except ValueError as error:
+            raise UserError(f"unknown --model_type {model_args.model_type!r}: use a transformers model type such as "
+                            "beit, vit, resnet or timm_wrapper") from error
+        return type(config), {}, f"--model_type {model_args.model_type}"
+    name = model_args.config_name
+    try:
+        fields, _ = PretrainedConfig.get_config_dict(
+            name, revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+        )
+        config_class = type(AutoConfig.for_model(fields["model_type"]))
+    except (OSError, ValueError, KeyError) as error:
+        reason = "no model_type in it" if isinstance(error, KeyError) else str(error).splitlines()[0]
+        raise UserError(f"could not read --config_name {name!r} ({reason}); pass a config.json file or a folder "
+                        "holding one, or a reachable Hub id") from error
+    return config_class, fields, f"--config_name {name}"
+
+
+def build_config(model_args, spec: MedMNISTSpec) -> PretrainedConfig:
+    """The config of a model built from ``--model_type``/``--config_name`` and ``--config_overrides``,
+    with the data set's labels (``spec``) and the input size in ``image_size``.
+
+    The config is built once from all its values, so fields derived from others (BEiT's and
+    ResNet's backbone stage names, from the depth) follow the overrides. Every mistake is one
+    ``UserError`` naming the key and the config class.
+    """
+    config_class, fields, source = _config_source(model_args)
+    default = config_class()
+    values = {key: value for key, value in fields.items() if key not in _NOT_ARGUMENTS + _DERIVED_FIELDS}
+    overrides = parse_config_overrides(model_args.config_overrides)
+    for key, (raw, value) in overrides.items():
+        if not hasattr(default, key):
+            raise UserError(f"unknown --config_overrides key {key!r} for {config_class.__name__} ({source}); "
+                            f"use one of its fields (transformers' {config_class.__name__} documents them)")
+        values[key] = _cast_override(config_class, default, key, raw, value)
+    # A timm config file names its classes with num_classes/label_names: the data set's replace them.
+    for key in ("num_classes", "label_names"):
+        values.pop(key, None)
+    values.update(label_config(spec))
+    values["image_size"] = input_size(model_args, values, spec, source)
+    try:
+        return config_class(**values)
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        # transformers 5 configs are strict dataclasses: the validator's own message is the cause.
+        raise UserError(f"bad --config_overrides for {config_class.__name__} ({_first_line(error.__cause__ or error)}); "
+                        "fix the value it names") from error
+
+
+def input_size(model_args, values: dict, spec: MedMNISTSpec, source: str) -> int:
+    """The side of the square images a config-built model gets: ``--image_size``; else an
+    ``image_size`` written in the config file or the overrides (a ViT/BEiT whose position
+    embeddings are sized to it); else the data set's own size (native: 28 for MedMNIST 28)."""
+    written = values.get("image_size")
+    written = written if isinstance(written, int) and not isinstance(written, bool) else None
+    if model_args.image_size and written and model_args.image_size != written:
+        raise UserError(f"--image_size {model_args.image_size} disagrees with image_size={written} of {source}; "
+                        "drop one of them")
+    return model_args.image_size or written or spec.size
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0].rstrip(".") if lines else type(error).__name__
+
+
+def _timm_own_initialisation(model: PreTrainedModel) -> None:
+    """transformers' generic ``_init_weights`` re-draws a wrapped timm model's convolutions from
+    N(0, 0.02) and resets every norm (undoing timm's Kaiming init and zero-init of each residual
+    branch's last norm). A model trained from scratch gets timm's own initialisation back."""
+    import timm
+
+    config = model.config
+    fresh = timm.create_model(config.architecture, pretrained=False, num_classes=config.num_labels,
+                              **(config.model_args or {}))
+    model.timm_model.load_state_dict(fresh.state_dict())
+
+
 def load_model(model_args, spec: MedMNISTSpec) -> PreTrainedModel:
     labels = label_config(spec)
     attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
-    if model_args.model_type:
+    if builds_from_config(model_args):
+        config = build_config(model_args, spec)
         try:
-            config = AutoConfig.for_model(model_args.model_type, **labels)
-        except ValueError as error:
-            raise UserError(f"unknown --model_type {model_args.model_type!r}: use a transformers model type such as beit or vit") from error
-        if model_args.config_overrides:
-            # update_from_string casts each value to the field's type; the config is then built
-            # again from them, so derived fields (BEiT's backbone stage names) follow the new depth.
-            try:
-                config.update_from_string(model_args.config_overrides)
-            except ValueError as error:
-                raise UserError(f"bad --config_overrides ({error}); write them as key=value,key=value with keys of {type(config).__name__}") from error
-            keys = [item.split("=", 1)[0] for item in model_args.config_overrides.split(",")]
-            config = AutoConfig.for_model(model_args.model_type, **labels, **{key: getattr(config, key) for key in keys})
-        logger.info("Training %s from scratch with config %s", model_args.model_type, config.to_diff_dict())
-        return AutoModelForImageClassification.from_config(config, **attention)
+            model = AutoModelForImageClassification.from_config(config, **attention)
+        except (ValueError, TypeError, KeyError, RuntimeError, IndexError, AssertionError, ImportError) as error:
+            raise UserError(f"cannot build {type(config).__name__} from these values ({_first_line(error)}); "
+                            "check --config_overrides") from error
+        if config.model_type == "timm_wrapper":
+            _timm_own_initialisation(model)
+        logger.info("Training %s from scratch at %dx%d input with config %s", config.model_type,
+                    config.image_size, config.image_size, config.to_diff_dict())
+        return model
     try:
         return AutoModelForImageClassification.from_pretrained(
             model_args.model_name_or_path,
@@ -72,10 +243,29 @@ def load_model(model_args, spec: MedMNISTSpec) -> PreTrainedModel:
         ) from error
 
 
+def build_image_processor(image_size: int, resample: str = "bilinear"):
+    """The processor of a model built from a config: resize to ``image_size`` squared (a no-op at
+    the data set's own size), no crop (a centre crop would cut the border of every scan), rescale
+    to [0, 1] and normalise with mean and std 0.5 as MedMNIST v2 does. The same for every
+    architecture, so a comparison between them differs only in the model."""
+    names = IMAGE_PROCESSOR_MAPPING_NAMES["vit"]
+    processor_class = get_image_processor_class_from_name(names.get("torchvision") or names["pil"])
+    return processor_class(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=PILImageResampling[resample.upper()],
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=MEDMNIST_MEAN_STD,
+        image_std=MEDMNIST_MEAN_STD,
+    )
+
+
 def load_image_processor(model_args, model: PreTrainedModel):
-    """The processor that goes with the checkpoint; for a model built from a config, the
-    processor class transformers registers for its type, sized to the config's ``image_size``."""
-    name = model_args.image_processor_name or (None if model_args.model_type else model_args.model_name_or_path)
+    """The processor that goes with the checkpoint (or ``--image_processor_name``); for a model
+    built from a config, ``build_image_processor`` at the model's input size."""
+    name = model_args.image_processor_name or (None if builds_from_config(model_args) else model_args.model_name_or_path)
     if name:
         try:
             return AutoImageProcessor.from_pretrained(
@@ -84,15 +274,7 @@ def load_image_processor(model_args, model: PreTrainedModel):
             )
         except OSError as error:
             raise UserError(f"could not load the image processor of {name!r} ({str(error).splitlines()[0]}); pass --image_processor_name") from error
-    model_type = model.config.model_type
-    if model_type not in IMAGE_PROCESSOR_MAPPING_NAMES:
-        raise UserError(f"transformers has no image processor for model type {model_type!r}; pass --image_processor_name")
-    names = IMAGE_PROCESSOR_MAPPING_NAMES[model_type]
-    processor_class = get_image_processor_class_from_name(names.get("torchvision") or names["pil"])
-    image_size = getattr(model.config, "image_size", 224)
-    default_size = processor_class().size
-    size = {"height": image_size, "width": image_size} if "height" in default_size else {"shortest_edge": image_size}
-    return processor_class(size=size)
+    return build_image_processor(model.config.image_size, model_args.resample)
 
 
 # ---------------------------------------------------------------------------------------------
