@@ -3,6 +3,9 @@ a crash while writing results. Each run is a subprocess of the real command."""
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import json
 import os
 import random
@@ -14,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
+import numpy as np
+from transformers.trainer_utils import PredictionOutput
+
+from hf_medbeit import outputs
 from hf_medbeit.arguments import ARGUMENT_CLASSES
+from hf_medbeit.data import get_spec
+from hf_medbeit.finetune import write_run_outputs
 from hf_medbeit.outputs import atomic_path, write_json
 
 from conftest import DATA, REPO, TINY_BEIT, run_cli, two_cpu_processes
@@ -34,6 +43,15 @@ VOLATILE = ("runtime", "per_second", "wall_time", "best_model_checkpoint", "tota
 # Trainer's summary `train_loss` averages only the steps run since the last (re)start; the model,
 # the metrics and the predictions are what must match.
 RESUME_VOLATILE = VOLATILE + ("train_loss",)
+
+
+def fault_step(low: int, high: int) -> int:
+    """A step in [low, high] at which to inject a fault, drawn from a fresh seed that is printed
+    (pytest shows it with a failure); HF_MEDBEIT_FAULT_SEED=<seed> draws the same step again."""
+    seed = int(os.environ.get("HF_MEDBEIT_FAULT_SEED") or random.SystemRandom().randrange(2**32))
+    step = random.Random(seed).randint(low, high)
+    print(f"fault at step {step}: replay with HF_MEDBEIT_FAULT_SEED={seed}")
+    return step
 
 
 def train_command(out: Path, cache: Path, *extra: str) -> list[str]:
@@ -109,7 +127,7 @@ def test_run_folder_records_how_to_repeat_it(reference):
 def test_sigkill_then_same_command_resumes_to_the_same_result(tmp_path, reference):
     out, cache = tmp_path / "run", tmp_path / "cache"
     process = start(out, cache)
-    step = random.randint(12, 38)  # after the first checkpoint (step 10), before the end (40)
+    step = fault_step(12, 38)  # after the first checkpoint (step 10), before the end (40)
     run_until_step(process, step)
     process.kill()  # SIGKILL: no handler runs
     process.wait()
@@ -140,7 +158,7 @@ def test_interrupted_save_is_not_resumed_from(tmp_path, reference):
 def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tmp_path, reference, signum, code):
     out, cache = tmp_path / "run", tmp_path / "cache"
     process = start(out, cache)
-    run_until_step(process, random.randint(12, 38))
+    run_until_step(process, fault_step(12, 38))
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == code, stderr[-3000:]
@@ -234,6 +252,88 @@ def test_a_crash_while_writing_leaves_the_old_file_or_none(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["all_results.json"]
 
 
+RUN_OUTPUTS = (outputs.RUN_CONFIG_FILE, outputs.PREDICTIONS_FILE, outputs.CONFUSION_FILE, outputs.CONFUSION_PLOT,
+               outputs.ROC_PLOT, outputs.RESULTS_FILE)
+
+
+def write_test_outputs(folder: Path) -> None:
+    """``write_run_outputs`` as the recipe calls it at the end of a run: 40 test images of BreastMNIST."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 2
+    logits = rng.normal(size=(40, 2))
+    logits[np.arange(40), labels] += 1.0
+    write_run_outputs(str(folder), get_spec("breastmnist", 28), PredictionOutput(logits, labels, {}),
+                      {"test_auc": 0.75, "test_acc": 0.7}, {"seed": 42})
+
+
+class Killed(BaseException):
+    """The process dying mid-write: no ``except Exception`` clean-up (Pillow's, for one) sees it."""
+
+
+class FailingFile:
+    """An open file whose first write gets half its data to the disk, then fails with ``fault``."""
+
+    def __init__(self, file, fault: str):
+        self._file, self._fault = file, fault
+
+    def write(self, data):
+        self._file.write(data[: len(data) // 2])
+        self._file.flush()
+        if self._fault == "killed":
+            raise Killed(self._file.name)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._file.name)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._file.close()
+
+
+@pytest.fixture(scope="module")
+def complete_outputs(tmp_path_factory):
+    """The run outputs written without a fault (they are deterministic, PNGs included)."""
+    complete = tmp_path_factory.mktemp("complete_outputs")
+    write_test_outputs(complete)
+    assert sorted(path.name for path in complete.iterdir()) == sorted(RUN_OUTPUTS)
+    return complete
+
+
+@pytest.mark.parametrize("fault", ["disk full", "killed"])
+@pytest.mark.parametrize("failing", RUN_OUTPUTS)
+def test_a_result_file_cut_short_leaves_no_half_file_and_no_all_results(tmp_path, monkeypatch, complete_outputs,
+                                                                        failing, fault):
+    """The disk fills up, or the process dies, while one result file is being written. Whatever
+    writes it (json, csv, matplotlib through Pillow), what is left must be whole files only, byte
+    for byte those of a complete write, and no all_results.json (which would mark the run finished)."""
+    real_open = io.open
+
+    def open_that_fails(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        writing = any(flag in mode for flag in "wax+")
+        return FailingFile(handle, fault) if writing and failing in os.fspath(file) else handle
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(builtins, "open", open_that_fails)
+    monkeypatch.setattr(io, "open", open_that_fails)  # pathlib's write_text opens through io.open
+    with pytest.raises((OSError, Killed)) as failure:
+        write_test_outputs(run)
+    monkeypatch.undo()
+    assert failure.type is (Killed if fault == "killed" else OSError), failure.value
+    left = sorted(path.name for path in run.iterdir())
+    assert failing not in left and outputs.RESULTS_FILE not in left, left
+    temporaries = [name for name in left if name not in RUN_OUTPUTS]
+    if fault == "disk full":
+        assert not temporaries, "a failed write must clean up after itself"
+    assert all(name.startswith(".") for name in temporaries), "a kill may leave a hidden temporary, nothing else"
+    for name in set(left) & set(RUN_OUTPUTS):
+        assert (run / name).read_bytes() == (complete_outputs / name).read_bytes(), f"{name} is not whole"
+
+
 def test_benchmark_skips_missing_and_corrupt_runs(tmp_path, reference):
     unfinished = tmp_path / "unfinished"
     (unfinished / "checkpoint-10").mkdir(parents=True)
@@ -291,7 +391,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     try:
-        run_until_step(process, random.randint(12, 30))
+        run_until_step(process, fault_step(12, 30))
         os.kill(_pid_of_rank(1, str(out)), signal.SIGTERM)  # rank 1 only; rank 0 logs the steps
         stdout, stderr = process.communicate(timeout=300)
     except subprocess.TimeoutExpired:
