@@ -81,9 +81,14 @@ def _height_width(size, input_hw: tuple[int, int] | None = None) -> tuple[int, i
 class DevicePreprocessor:
     """``image_processor(images)["pixel_values"]`` for a uint8 batch (B, C, H, W), C in {1, 3}, as
     batched torch ops on the batch's own device. Raises ``UnsupportedProcessor`` for processors it
-    cannot replicate exactly."""
+    cannot replicate exactly.
 
-    def __init__(self, image_processor):
+    ``pack_gray_on_cpu=False`` resizes gray batches one plane per image on the CPU too, which is
+    the branch every other device takes; the tests use it to check that branch on a CPU.
+    """
+
+    def __init__(self, image_processor, pack_gray_on_cpu: bool = True):
+        self.pack_gray_on_cpu = pack_gray_on_cpu
         p = image_processor
         for flag in ("do_pad", "do_reduce_labels", "do_convert_grayscale"):
             if getattr(p, flag, False):
@@ -133,7 +138,7 @@ class DevicePreprocessor:
             raise ValueError(f"expected uint8 images (B, 1|3, H, W), got {images.dtype} {tuple(images.shape)}")
         batch_size, on_cpu = images.shape[0], images.device.type == "cpu"
         # Four gray images as the planes of one RGBA image: see the module docstring.
-        packed = on_cpu and self.do_resize and images.shape[1] == 1
+        packed = on_cpu and self.pack_gray_on_cpu and self.do_resize and images.shape[1] == 1
         if packed:
             images = pack_gray_planes(images)
         # Autocast must not touch these ops: the processor works in float32 and so do we.

@@ -7,12 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import BeitImageProcessor, ConvNextImageProcessor, ViTImageProcessor
+from transformers import AutoImageProcessor, BeitImageProcessor, ConvNextImageProcessor, ViTImageProcessor
 
 from conftest import BREASTMNIST_MD5, TINY_BEIT
+from hf_medbeit import fast_path
 from hf_medbeit.data import load_medmnist
 from hf_medbeit.data_path import prepare_splits
 from hf_medbeit.fast_path import DevicePreprocessor, UInt8ImageDataset, collate_uint8, processor_supported
+from hf_medbeit.metrics import make_compute_metrics
 from hf_medbeit.training import MedMNISTTrainingArguments, WeightedLossTrainer
 from hf_medbeit.transforms import collate, make_transform
 
@@ -60,13 +62,14 @@ def test_rgb_and_larger_images_match(synthetic_root, cache_dir, flag, size):
     )
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_every_batch_size_gives_the_per_image_result_contiguous(channels):
-    # Gray batches are resized four images to one RGBA image on the CPU, the last group padded;
-    # RGB batches arrive channels-last. Each image must come out as if resized on its own, and the
-    # batch as a plain contiguous (B, 3, H, W) float tensor.
+@pytest.mark.parametrize("channels,pack_gray_on_cpu", [(1, True), (1, False), (3, True)],
+                         ids=["gray-packed", "gray-unpacked", "rgb"])
+def test_every_batch_size_gives_the_per_image_result_contiguous(channels, pack_gray_on_cpu):
+    # Gray batches are resized four images to one RGBA image on the CPU, the last group padded (or,
+    # as on other devices, one plane per image); RGB batches arrive channels-last. Each image must
+    # come out as if resized on its own, and the batch as a plain contiguous (B, 3, H, W) float tensor.
     processor = BeitImageProcessor(size={"height": 40, "width": 40})
-    preprocess = DevicePreprocessor(processor)
+    preprocess = DevicePreprocessor(processor, pack_gray_on_cpu=pack_gray_on_cpu)
     generator = torch.Generator().manual_seed(0)
     hwc = torch.randint(0, 256, (9, 28, 28, channels), dtype=torch.uint8, generator=generator)
     images = hwc.permute(0, 3, 1, 2)  # channels-last, as UInt8ImageDataset hands them out
@@ -75,6 +78,40 @@ def test_every_batch_size_gives_the_per_image_result_contiguous(channels):
         batch = preprocess(images[:batch_size])
         assert batch.shape == (batch_size, 3, 40, 40) and batch.is_contiguous()
         assert torch.equal(batch, one_by_one[:batch_size])
+
+
+# ImageNet's per-channel mean and std: a gray image broadcast to three channels must still get
+# each channel's own normalisation (BEiT's and ViT's 0.5 everywhere would hide a mix-up).
+IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+
+
+@pytest.mark.parametrize(
+    "processor",
+    [BeitImageProcessor(), BeitImageProcessor(size={"height": 64, "width": 48}), ViTImageProcessor(**IMAGENET),
+     BeitImageProcessor(size={"height": 14, "width": 14}, **IMAGENET)],
+    ids=["beit-bicubic-224", "beit-64x48", "vit-bilinear-imagenet-mean", "beit-downscale-14-imagenet-mean"],
+)
+def test_unpacked_gray_branch_matches_the_processor_and_the_packed_branch(breast_root, cache_dir, processor, monkeypatch):
+    """Off the CPU (a GPU), gray batches are never packed four to an RGBA image: each is resized as
+    one plane and broadcast to three channels in the normalisation. ``pack_gray_on_cpu=False`` runs
+    that branch here. It must match the processor as closely as the packed branch does (the
+    resize is the same uint8 kernel on the CPU, so the two branches agree bit for bit; only the
+    normalisation's float32 rounding separates both from the processor, hence TOLERANCE). What
+    this cannot check is the GPU's own resize kernel."""
+    raw, _, _ = load_medmnist("breastmnist", data_dir=breast_root, cache_dir=cache_dir)
+    indices = [0, 5, 17, 300, 545]
+    images = UInt8ImageDataset(raw["train"]).__getitems__(indices)["pixel_values"]
+    assert images.shape == (5, 1, 28, 28)
+    packed = DevicePreprocessor(processor)(images)
+
+    def no_packing(images):
+        raise AssertionError("the unpacked branch packed gray images")
+
+    monkeypatch.setattr(fast_path, "pack_gray_planes", no_packing)
+    unpacked = DevicePreprocessor(processor, pack_gray_on_cpu=False)(images)
+    assert unpacked.shape == packed.shape and unpacked.dtype == torch.float32 and unpacked.is_contiguous()
+    assert torch.equal(unpacked, packed)
+    torch.testing.assert_close(unpacked, processor_pixels(raw["train"], processor, indices), atol=TOLERANCE, rtol=0)
 
 
 def test_single_examples_and_lazy_decoding_agree(breast_root, cache_dir):
@@ -127,13 +164,14 @@ def test_multi_label_batches_train_with_bce(synthetic_root, cache_dir, tmp_path)
     config = BeitConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                         image_size=28, patch_size=7, num_labels=spec.num_labels, problem_type="multi_label_classification")
     args = MedMNISTTrainingArguments(
-        output_dir=str(tmp_path / "out"), report_to="none", save_strategy="no", eval_strategy="no",
+        output_dir=str(tmp_path / "out"), report_to="none", save_strategy="no", eval_strategy="epoch",
         load_best_model_at_end=False, disable_tqdm=True, use_cpu=True, max_steps=2, per_device_train_batch_size=4,
     )
     assert not args.bf16 and not args.fp16  # GPU defaults leave CPU runs in fp32
     trainer = WeightedLossTrainer(
-        model=BeitForImageClassification(config), args=args, train_dataset=prepared.train, data_collator=prepared.collate_fn,
-        multi_label=True, device_preprocessor=prepared.device_preprocessor,
+        model=BeitForImageClassification(config), args=args, train_dataset=prepared.train, eval_dataset=prepared.validation,
+        data_collator=prepared.collate_fn, multi_label=True, device_preprocessor=prepared.device_preprocessor,
+        compute_metrics=make_compute_metrics(spec.task, spec.label_names),
     )
     assert np.isfinite(trainer.train().training_loss)
     output = trainer.predict(prepared.test)
@@ -141,21 +179,50 @@ def test_multi_label_batches_train_with_bce(synthetic_root, cache_dir, tmp_path)
 
 
 @pytest.mark.e2e
-def test_train_command_uses_the_fast_path_and_saves_a_plain_model(breast_root, cache_dir, tmp_path):
+def test_train_command_uses_the_fast_path_and_saves_a_plain_model(breast_root, cache_dir, tmp_path, monkeypatch):
+    """The recipe's default data path: every image of every split goes through the device
+    preprocessor, and the run ends where the processor path (the reference) ends with the same
+    seed. The saved model is a plain one that ``pipeline`` loads with its image processor."""
     from transformers import pipeline
     from PIL import Image
 
     from hf_medbeit.finetune import main
 
-    out = tmp_path / "run"
-    results = main([
-        "--dataset_name", "breastmnist", "--data_dir", str(breast_root), "--dataset_cache_dir", str(cache_dir),
-        "--model_type", "beit", "--config_overrides", TINY_BEIT, "--output_dir", str(out),
-        "--num_train_epochs", "1", "--per_device_train_batch_size", "64", "--report_to", "none",
-        "--use_cpu", "--disable_tqdm", "True", "--max_train_samples", "128",
-    ])
-    assert 0.0 <= results["test_auc"] <= 1.0
-    assert json.loads((out / "preprocessor_config.json").read_text())["image_processor_type"] == "BeitImageProcessor"
+    images_seen = []
+    preprocess = DevicePreprocessor.__call__
+
+    def counting(self, images):
+        images_seen.append(images.shape[0])
+        return preprocess(self, images)
+
+    monkeypatch.setattr(DevicePreprocessor, "__call__", counting)
+
+    def train(data_path):
+        images_seen.clear()
+        results = main([
+            "--dataset_name", "breastmnist", "--data_dir", str(breast_root), "--dataset_cache_dir", str(cache_dir),
+            "--model_type", "beit", "--config_overrides", TINY_BEIT, "--output_dir", str(tmp_path / data_path),
+            "--num_train_epochs", "1", "--per_device_train_batch_size", "64", "--report_to", "none",
+            "--use_cpu", "--disable_tqdm", "True", "--max_train_samples", "128", "--data_path", data_path,
+        ])
+        return results, sum(images_seen)
+
+    fast, fast_images = train("fast")
+    reference, reference_images = train("processor")
+    # 128 training images, the 78 validation images (evaluated during training and again for the
+    # selected model) and the 156 test images, all through the device preprocessor; none on the
+    # processor path.
+    assert fast_images == 128 + 2 * 78 + 156 and reference_images == 0
+    # Same inputs up to float32 rounding (TOLERANCE above), so the same predictions and metrics.
+    scores = {path: np.loadtxt(tmp_path / path / "test_predictions.csv", delimiter=",", skiprows=1)
+              for path in ("fast", "processor")}
+    np.testing.assert_allclose(scores["fast"], scores["processor"], rtol=0, atol=1e-6)
+    for key in ("eval_auc", "eval_acc", "test_auc", "test_acc", "test_balanced_accuracy"):
+        assert fast[key] == pytest.approx(reference[key], abs=1e-6), key
+
+    out = tmp_path / "fast"
+    saved_type = json.loads((out / "preprocessor_config.json").read_text())["image_processor_type"]
+    assert type(AutoImageProcessor.from_pretrained(out)).__name__ == saved_type  # a plain transformers processor
     classifier = pipeline("image-classification", model=str(out), device="cpu")
     image = Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).convert("RGB")
     assert {row["label"] for row in classifier(image)} == {"malignant", "normal, benign"}
