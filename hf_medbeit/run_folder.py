@@ -31,7 +31,8 @@ TRAINER_FILES = {"runs"}
 # The arguments that make a run what it is: resuming with any of them changed would mix two
 # experiments in one folder (and one model card).
 IDENTITY_ARGUMENTS = (
-    "model_name_or_path", "model_type", "config_overrides", "trainable_top_layers", "dataset_name", "size",
+    "model_name_or_path", "model_type", "config_name", "config_overrides", "image_size", "resample",
+    "trainable_top_layers", "dataset_name", "size",
     "balancing", "balance_ratio", "max_train_samples", "augment", "seed",
 )
 

@@ -350,19 +350,6 @@ def test_benchmark_skips_missing_and_corrupt_runs(tmp_path, reference):
     assert nothing.returncode == 2 and "nothing to tabulate" in nothing.stderr
 
 
-def test_run_killed_before_its_first_checkpoint_starts_again(tmp_path):
-    """Only a half-saved checkpoint in the folder: the same command starts afresh instead of refusing."""
-    from hf_medbeit.arguments import parse_args
-    from hf_medbeit.finetune import resolve_run_folder
-
-    out = tmp_path / "run"
-    (out / "checkpoint-10").mkdir(parents=True)
-    (out / "checkpoint-10" / "model.safetensors").write_bytes(b"half")
-    model_args, data_args, training_args = parse_args(["--output_dir", str(out), "--report_to", "none"])
-    assert resolve_run_folder(model_args, data_args, training_args) is None
-    assert list(out.iterdir()) == []
-
-
 def _pid_of_rank(rank: int, marker: str, timeout: float = 120) -> int:
     """The process of rank ``rank`` (torchrun's RANK) whose command line holds ``marker`` (found through /proc)."""
     deadline = time.time() + timeout
