@@ -76,6 +76,18 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_a_broken_config_file_is_a_user_error_naming_the_file(tmp_path, name):
+    text, fragment = BAD_FILES[name]
+    config = write(tmp_path, name, text)
+    with pytest.raises(UserError) as error:
+        parse_args([str(config), "--output_dir", str(tmp_path / "out")])
+    assert str(config) in str(error.value) and fragment in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+# As the user meets them: one broken file of each kind through the real command (the others take
+# the same path, checked in-process above, which costs no interpreter start each).
+@pytest.mark.parametrize("name", ["syntax.yaml", "misspelled.yaml", "list.yaml"])
 def test_a_broken_config_file_is_one_line_naming_the_file(tmp_path, name):
     text, fragment = BAD_FILES[name]
     config = write(tmp_path, name, text)
@@ -102,6 +114,14 @@ BAD_FLAGS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_a_bad_flag_is_a_user_error(tmp_path, case):
+    flags, fragment = BAD_FLAGS[case]
+    with pytest.raises(UserError) as error:
+        parse_args([*QUICK, "--output_dir", str(tmp_path / "out"), *flags])
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("case", ["misspelled flag", "not a number", "zero epochs", "no validation images", "no evaluation"])
 def test_a_bad_flag_is_one_line_before_anything_is_loaded(tmp_path, case):
     flags, fragment = BAD_FLAGS[case]
     out, cache = tmp_path / "out", tmp_path / "cache"
