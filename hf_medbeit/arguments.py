@@ -75,6 +75,12 @@ class ModelArguments:
         default=None,
         metadata={"help": "BEiT's layer-wise learning-rate decay, e.g. 0.65-0.9; off by default."},
     )
+    fast_relative_position_bias: bool = field(
+        default=True,
+        metadata={"help": "BEiT: compute the relative position bias without transformers' same-size resize and "
+                  "per-layer host-to-device index copy (same outputs and gradients, bit for bit); "
+                  "--no_fast_relative_position_bias runs transformers' code as it is."},
+    )
 
     def __post_init__(self):
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:

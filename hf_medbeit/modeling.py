@@ -6,7 +6,8 @@
   ``--model_type`` (transformers' default config for that type) or ``--config_name`` (a
   ``config.json`` file or folder, or a Hub id, as in Hugging Face's example scripts), either one
   changed by ``--config_overrides``, whose values may be lists or mappings
-  (``depths=[2,2,2,2],layer_type=basic``).
+  (``depths=[2,2,2,2],layer_type=basic``). A BEiT gets the fast relative position bias
+  (``relative_position.py``: same outputs and gradients; ``--no_fast_relative_position_bias``).
 * ``load_image_processor``: the checkpoint's own processor; for a model built from a config, one
   built here: resize to the input size (the data set's own by default, or ``--image_size``) with
   ``--resample``, no crop, mean and std 0.5 as MedMNIST v2 normalises. It is saved with the model,
@@ -32,6 +33,7 @@ from transformers.models.auto.image_processing_auto import (
 
 from .data import MedMNISTSpec
 from .errors import UserError
+from .relative_position import use_fast_relative_position_bias
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +214,13 @@ def _timm_own_initialisation(model: PreTrainedModel) -> None:
 
 
 def load_model(model_args, spec: MedMNISTSpec) -> PreTrainedModel:
+    model = _load_model(model_args, spec)
+    if model_args.fast_relative_position_bias:
+        use_fast_relative_position_bias(model)  # BEiT only; bit-identical, see relative_position.py
+    return model
+
+
+def _load_model(model_args, spec: MedMNISTSpec) -> PreTrainedModel:
     labels = label_config(spec)
     attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     if builds_from_config(model_args):
