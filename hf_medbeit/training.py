@@ -64,9 +64,10 @@ class MedMNISTTrainingArguments(TrainingArguments):
     def __post_init__(self):
         # Remember whether the user chose a folder; if not, the run name names it (see finetune.py).
         self.output_dir_given = self.output_dir is not None
-        if str(self.eval_strategy) in ("no", "IntervalStrategy.NO"):
+        if self.load_best_model_at_end and str(self.eval_strategy) in ("no", "IntervalStrategy.NO"):
             # Checked before TrainingArguments, whose message ("save and eval strategy must match")
-            # hides the reason.
+            # hides the reason. (Code that trains without selection, e.g. benchmarks, turns
+            # load_best_model_at_end off.)
             raise UserError("--eval_strategy no: the best checkpoint is chosen by validation AUC, which needs "
                             "evaluation; use --eval_strategy epoch (default) or steps")
         if launched_as_several_processes_without_accelerator():
