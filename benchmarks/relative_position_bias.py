@@ -44,16 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from hf_medbeit.relative_position import use_fast_relative_position_bias  # noqa: E402
 
-# The shapes of benchmarks/throughput.py: base as microsoft/beit-base-patch16-224-pt22k-ft22k
-# (per-layer bias), large as microsoft/beit-large-patch16-224-pt22k (shared bias).
-MODELS = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                 use_relative_position_bias=True),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                 use_relative_position_bias=True, layer_scale_init_value=0.1),
-    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                  use_shared_relative_position_bias=True, layer_scale_init_value=0.1),
-}
+from beit_shapes import MODELS  # noqa: E402  (the BEiT shapes; benchmarks/ is this script's folder)
+
 TAG = "relative_position_bias"
 RESULTS = Path(__file__).resolve().parent / "results_cpu"
 

@@ -45,16 +45,8 @@ from hf_medbeit.modeling import count_parameters, freeze_all_but_top_layers  # n
 from hf_medbeit.training import MedMNISTTrainingArguments, WeightedLossTrainer  # noqa: E402
 from hf_medbeit.transforms import collate, make_transform  # noqa: E402
 
-# BEiT shapes. base: microsoft/beit-base-patch16-224-pt22k-ft22k; large: the study's
-# microsoft/beit-large-patch16-224-pt22k (shared relative position bias), top 5 blocks trained.
-MODELS = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                 use_relative_position_bias=True),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                 use_relative_position_bias=True, layer_scale_init_value=0.1),
-    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                  use_shared_relative_position_bias=True, layer_scale_init_value=0.1),
-}
+from beit_shapes import MODELS  # noqa: E402  (the BEiT shapes; benchmarks/ is this script's folder)
+
 DEFAULT_TOP_LAYERS = {"tiny": None, "base": None, "large": 5}
 
 
