@@ -28,6 +28,8 @@ from .errors import UserError
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
+# check_output_dir's probe file: removed at once, left behind only by a crash in between.
+WRITE_PROBE_PREFIX = ".write-test-"
 # Errors that mean "the disk cannot take this write", as opposed to a bug.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
 
@@ -153,7 +155,7 @@ def check_output_dir(output_dir: str, model: torch.nn.Module, save_total_limit: 
     """Fail before training if ``output_dir`` cannot be written or the disk cannot hold the run."""
     try:
         os.makedirs(output_dir, exist_ok=True)
-        probe = os.path.join(output_dir, f".write-test-{uuid.uuid4().hex}")
+        probe = os.path.join(output_dir, f"{WRITE_PROBE_PREFIX}{uuid.uuid4().hex}")
         with open(probe, "wb") as handle:
             handle.write(b"\0" * 4096)
         os.remove(probe)

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import __version__
 from .errors import UserError
 from .outputs import RESULTS_FILE, write_json
-from .resilience import is_complete_checkpoint, last_complete_checkpoint
+from .resilience import WRITE_PROBE_PREFIX, is_complete_checkpoint, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def release_if_unused(run: RunFolder) -> None:
     folder = Path(run.path)
     if run.existed or not folder.is_dir():
         return
-    if all(entry.name in {MARKER_FILE, *TRAINER_FILES} or entry.name.startswith(".write-test-")
+    if all(entry.name in {MARKER_FILE, *TRAINER_FILES} or entry.name.startswith(WRITE_PROBE_PREFIX)
            for entry in folder.iterdir()):
         shutil.rmtree(folder, ignore_errors=True)
 
