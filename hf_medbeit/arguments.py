@@ -170,7 +170,7 @@ def parse_args(argv: list[str] | None = None):
 def validate(model_args, data_args, training_args) -> None:
     """What would otherwise fail late (after data and model are loaded) or, worse, succeed with a
     meaningless run: an untrained model, an empty split, no model selection."""
-    from .data import get_spec
+    from .data import check_balance_ratio, get_spec
 
     spec = get_spec(data_args.dataset_name, data_args.size)  # an unknown data set or size, from INFO
     if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
@@ -202,13 +202,7 @@ def validate(model_args, data_args, training_args) -> None:
         from .modeling import build_config
 
         build_config(model_args, spec)  # unknown keys, unreadable values or a missing config file, before any data
-    if data_args.balance_ratio is not None:
-        if spec.num_labels != 2:
-            raise UserError(f"--balance_ratio applies to binary tasks; {spec.flag} has {spec.num_labels} classes and "
-                            f"--balancing {data_args.balancing} equalises them all: drop --balance_ratio")
-        if not 0.5 <= data_args.balance_ratio < 1:
-            raise UserError(f"--balance_ratio {data_args.balance_ratio} must be the majority class's share, in [0.5, 1); "
-                            "the study used 0.6 and 0.5")
+    check_balance_ratio(spec, data_args.balancing, data_args.balance_ratio)
 
 
 def _argparse_error(message: str):

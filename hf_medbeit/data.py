@@ -511,18 +511,25 @@ def _target_counts(counts: np.ndarray, ratio: float | None, grow: bool) -> np.nd
     return target
 
 
+def check_balance_ratio(spec: MedMNISTSpec, method: str, ratio: float | None) -> None:
+    """``--balance_ratio`` is the majority share of a binary task, in [0.5, 1). Called when the
+    arguments are parsed (before any data loads) and again by ``resample`` for library callers."""
+    if ratio is None:
+        return
+    if spec.num_labels != 2:
+        raise UserError(
+            f"--balance_ratio applies to binary tasks; {spec.flag} has {spec.num_labels} classes and "
+            f"--balancing {method} equalises them all: drop --balance_ratio"
+        )
+    if not 0.5 <= ratio < 1:
+        raise UserError(f"--balance_ratio {ratio} must be the majority class's share, in [0.5, 1); the study used 0.6 and 0.5")
+
+
 def resample(dataset: datasets.Dataset, spec: MedMNISTSpec, method: str, ratio: float | None, seed: int) -> datasets.Dataset:
     """Undersample or oversample a training split, seeded; returns a new ``Dataset``."""
     if spec.is_multi_label:
         raise UserError(f"--balancing {method} needs single-label data; {spec.flag} is multi-label: use --balancing weighted_loss")
-    if ratio is not None:
-        if spec.num_labels != 2:
-            raise UserError(
-                f"--balance_ratio applies to binary tasks; {spec.flag} has {spec.num_labels} classes and "
-                f"--balancing {method} equalises them all: drop --balance_ratio"
-            )
-        if not 0.5 <= ratio < 1:
-            raise UserError(f"--balance_ratio {ratio} must be the majority class's share, in [0.5, 1); the study used 0.6 and 0.5")
+    check_balance_ratio(spec, method, ratio)
     labels = label_array(dataset)
     counts = np.bincount(labels, minlength=spec.num_labels)
     if (counts == 0).any():
