@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import DATA, assert_one_line_error, run_cli
 from hf_medbeit import outputs
 from hf_medbeit.errors import UserError
-from hf_medbeit.predict import find_images, load_image, to_rgb
+from hf_medbeit.inference import find_images, load_image, to_rgb
 from hf_medbeit.predict import main as predict_main
 from tiny_run import trained_run
 
