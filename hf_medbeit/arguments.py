@@ -139,17 +139,29 @@ CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 
 def parse_args(argv: list[str] | None = None):
-    """Parse ``argv`` into the three argument dataclasses, then check them all before any data or
-    model is loaded.
+    """Parse ``hf-medbeit train`` arguments into the three argument dataclasses, then check them
+    all before any data or model is loaded.
 
     ``argv`` is flags, or a .json/.yaml config file first and flags after it that override the
     file (``hf-medbeit train configs/quickstart.yaml --num_train_epochs 60``). File values are cast
     to the fields' types, so ``learning_rate: 1e-3`` (a string to PyYAML) works as papers write it.
     Every mistake is a ``UserError`` that names the file or flag.
     """
+    model_args, data_args, training_args = parse_command(argv, ARGUMENT_CLASSES, "hf-medbeit train")
+    validate(model_args, data_args, training_args)
+    return model_args, data_args, training_args
+
+
+def parse_command(argv: list[str] | None, argument_classes, prog: str) -> list:
+    """A config file and/or flags -> one instance per argument dataclass (see ``parse_args``);
+    shared by every command that takes Hugging Face style arguments (train, pretrain)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="hf-medbeit train")
-    parser.error = _argparse_error  # argparse would print usage and exit; one line instead
+    parser = HfArgumentParser(argument_classes, prog=prog)
+
+    def one_line_error(message: str):  # argparse would print usage and exit; one line instead
+        raise UserError(f"{message}; {prog} --help lists the arguments and their values")
+
+    parser.error = one_line_error
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
         config_file = argv.pop(0)
         parser.set_defaults(**_read_config_file(config_file, parser))
@@ -158,13 +170,11 @@ def parse_args(argv: list[str] | None = None):
     except UserError:
         raise
     except (ValueError, TypeError) as error:  # a dataclass's __post_init__ (ours or TrainingArguments')
-        raise UserError(f"{_first_line(error)}; fix that argument (hf-medbeit train --help lists them)") from error
+        raise UserError(f"{_first_line(error)}; fix that argument ({prog} --help lists them)") from error
     if unknown:
         raise UserError(f"unknown argument {unknown[0]}{_did_you_mean(unknown[0].lstrip('-'), parser)}; "
-                        "hf-medbeit train --help lists the valid ones")
-    model_args, data_args, training_args = parsed
-    validate(model_args, data_args, training_args)
-    return model_args, data_args, training_args
+                        f"{prog} --help lists the valid ones")
+    return parsed
 
 
 def validate(model_args, data_args, training_args) -> None:
@@ -205,10 +215,6 @@ def validate(model_args, data_args, training_args) -> None:
     check_balance_ratio(spec, data_args.balancing, data_args.balance_ratio)
 
 
-def _argparse_error(message: str):
-    raise UserError(f"{message}; hf-medbeit train --help lists the arguments and their values")
-
-
 def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0].rstrip(".") if lines else type(error).__name__
@@ -246,7 +252,7 @@ def _read_config_file(config_file: str, parser) -> dict:
     unknown = [key for key in values if key not in actions]
     if unknown:
         raise UserError(f"{config_file}: unknown key {unknown[0]!r}{_did_you_mean(str(unknown[0]), parser)}; "
-                        "fix or remove it (hf-medbeit train --help lists the valid ones)")
+                        f"fix or remove it ({parser.prog} --help lists the valid ones)")
     cast = {}
     for key, value in values.items():
         if isinstance(value, str) and value == f"<{key.upper()}>":
@@ -278,3 +284,138 @@ def _cast(config_file: str, key: str, value, action):
         raise UserError(f"{config_file}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}; "
                         "fix it in the file")
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# hf-medbeit pretrain
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PretrainModelArguments:
+    """The model pre-trained: always a BEiT (``BeitForMaskedImageModeling``)."""
+
+    config_name: str | None = field(
+        default=None, metadata={"help": "A BEiT config.json file or folder to build the model from (default: BeitConfig's defaults)."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "BEiT config fields as key=value,... (e.g. hidden_size=192,num_hidden_layers=6,"
+                  "num_attention_heads=3,intermediate_size=768,patch_size=4,use_relative_position_bias=true)."},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Continue pre-training a BEiT masked-image-modeling checkpoint (a pretrain run folder or a Hub "
+                  "id such as microsoft/beit-base-patch16-224-pt22k) instead of building one from a config."},
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "Resize images to N x N (default: the data's own --size)."}
+    )
+    resample: Literal["nearest", "bilinear", "bicubic"] = field(
+        default="bilinear", metadata={"help": "How images are resized to --image_size."}
+    )
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of --model_name_or_path."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache checkpoints from the Hub."})
+    attn_implementation: Literal["sdpa", "eager"] | None = field(
+        default=None, metadata={"help": "Attention kernel: transformers' default (sdpa) or eager."}
+    )
+    fast_relative_position_bias: bool = field(
+        default=True, metadata={"help": "BEiT: the bit-identical fast relative position bias (see hf-medbeit train --help)."}
+    )
+    layer_decay: float | None = field(default=None, metadata={"help": "Layer-wise learning-rate decay (off by default)."})
+
+    def __post_init__(self):
+        if self.model_name_or_path and (self.config_name or self.config_overrides):
+            raise UserError("--model_name_or_path continues a checkpoint; --config_name/--config_overrides build a new "
+                            "model: keep one of them")
+
+
+@dataclass
+class PretrainDataArguments:
+    sources: list[str] = field(
+        default_factory=lambda: ["breastmnist"],
+        metadata={"help": "Unlabelled images: MedMNIST 2D flags (their training split only, labels dropped), .npz/.npy "
+                  "arrays of images, or folders of image files; several are mixed."},
+    )
+    source_repeats: list[float] | None = field(
+        default=None,
+        metadata={"help": "How often each source's images appear per epoch, one number per source (e.g. 4 1: the "
+                  "first source 4x, fractions take a random subset). Default: 1 each."},
+    )
+    size: int = field(default=28, metadata={"help": "MedMNIST image size to read (28, 64, 128, 224); other sources are resized to it."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Folder with MedMNIST's .npz files (default: medmnist's own root, ~/.medmnist)."}
+    )
+    download: bool = field(default=False, metadata={"help": "Download missing MedMNIST files with medmnist's URL and MD5."})
+    skip_md5_check: bool = field(default=False, metadata={"help": "Accept MedMNIST files whose MD5 differs from medmnist.INFO."})
+    dataset_cache_dir: str | None = field(default=None, metadata={"help": "Where converted data sets are cached."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for the first conversion."})
+
+
+@dataclass
+class MaskedImageModelingArguments:
+    mim_target: Literal["tokens", "pixels"] = field(
+        default="tokens",
+        metadata={"help": "What masked patches are predicted from: tokens = BEiT's cross-entropy over visual tokens of a "
+                  "k-means codebook fitted on the pre-training images; pixels = SimMIM/MAE-style L1 regression of the "
+                  "(per-patch normalised) pixels."},
+    )
+    codebook_size: int = field(default=512, metadata={"help": "tokens: visual vocabulary size (k-means centroids)."})
+    codebook_fit_images: int = field(default=20000, metadata={"help": "tokens: images whose patches fit the codebook."})
+    normalize_target: bool = field(
+        default=True, metadata={"help": "Normalise each patch to zero mean, unit variance before clustering (tokens) or as the regression target (pixels)."}
+    )
+    masking: Literal["block", "random"] = field(
+        default="block", metadata={"help": "block: BEiT's block-wise masking; random: uniformly random patches."}
+    )
+    mask_ratio: float = field(default=0.4, metadata={"help": "Share of patches masked (BEiT: 75 of 196, about 0.4)."})
+    augment: bool = field(default=True, metadata={"help": "Random resized crop and horizontal flip on the device."})
+    crop_min_scale: float = field(default=0.5, metadata={"help": "Smallest crop, as a share of the image area."})
+
+    def __post_init__(self):
+        if not 0 < self.mask_ratio < 1:
+            raise UserError(f"--mask_ratio {self.mask_ratio} must be between 0 and 1 (BEiT: 0.4)")
+        if self.codebook_size < 2:
+            raise UserError(f"--codebook_size {self.codebook_size} must be 2 or more (e.g. 512)")
+        if self.codebook_fit_images < 1:
+            raise UserError(f"--codebook_fit_images {self.codebook_fit_images} must be 1 or more")
+        if not 0 < self.crop_min_scale <= 1:
+            raise UserError(f"--crop_min_scale {self.crop_min_scale} must be in (0, 1]")
+
+
+def parse_pretrain_args(argv: list[str] | None = None):
+    """``hf-medbeit pretrain`` arguments (a config file and/or flags, as ``parse_args``), checked
+    before any data or model is loaded."""
+    from .training import PretrainingArguments
+
+    model_args, data_args, mim_args, training_args = parse_command(
+        argv, (PretrainModelArguments, PretrainDataArguments, MaskedImageModelingArguments, PretrainingArguments),
+        "hf-medbeit pretrain",
+    )
+    validate_pretrain(model_args, data_args, mim_args, training_args)
+    return model_args, data_args, mim_args, training_args
+
+
+def validate_pretrain(model_args, data_args, mim_args, training_args) -> None:
+    from .unlabeled import check_sources
+
+    check_sources(data_args.sources, data_args.source_repeats)
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise UserError(f"--num_train_epochs {training_args.num_train_epochs:g} trains nothing; "
+                        "give a positive number of epochs (or --max_steps)")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, name) < 1:
+            raise UserError(f"--{name} {getattr(training_args, name)} must be 1 or more")
+    if not training_args.learning_rate > 0:
+        raise UserError(f"--learning_rate {training_args.learning_rate:g} must be positive (BEiT: 1.5e-3 at batch 2048)")
+    if training_args.weight_decay < 0:
+        raise UserError(f"--weight_decay {training_args.weight_decay:g} must be 0 or more")
+    if model_args.image_size is not None and model_args.image_size < 1:
+        raise UserError(f"--image_size {model_args.image_size} must be 1 or more (pixels per side)")
+    if not model_args.model_name_or_path:
+        from .modeling import build_pretraining_config
+
+        config = build_pretraining_config(model_args, data_args.size)  # unknown keys or bad values, before any data
+        if config.image_size % config.patch_size:
+            raise UserError(f"image size {config.image_size} is not a multiple of patch_size={config.patch_size}; "
+                            "change --image_size or patch_size in --config_overrides")

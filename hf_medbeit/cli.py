@@ -16,6 +16,9 @@ commands:
   predict  classify image files with a run folder or a Hub model (hf-medbeit predict --help)
   push     push a finished run folder to the Hugging Face Hub (hf-medbeit push --help)
   benchmark  one results table from finished run folders (hf-medbeit benchmark --help)
+  pretrain  pre-train a BEiT by masked image modeling on unlabelled images (hf-medbeit pretrain --help)
+  explain  heat maps of where a model looks, per image (hf-medbeit explain --help)
+  demo     a web page to try a model on your own images (hf-medbeit demo --help)
   study    run a grid of runs (models x data sets x seeds ...), one process per cell, and write one
            results table beside the quoted references (hf-medbeit study --help)
 """
@@ -23,6 +26,24 @@ commands:
 
 def _train(argv: list[str]) -> None:
     from .finetune import main
+
+    main(argv)
+
+
+def _pretrain(argv: list[str]) -> None:
+    from .pretrain import main
+
+    main(argv)
+
+
+def _explain(argv: list[str]) -> None:
+    from .explain import main
+
+    main(argv)
+
+
+def _demo(argv: list[str]) -> None:
+    from .demo import main
 
     main(argv)
 
@@ -67,7 +88,7 @@ def _study(argv: list[str]) -> None:
     main(argv)
 
 
-COMMANDS = {"train": _train, "predict": _predict, "push": _push, "benchmark": _benchmark, "study": _study}
+COMMANDS = {"train": _train, "pretrain": _pretrain, "predict": _predict, "explain": _explain, "demo": _demo, "push": _push, "benchmark": _benchmark, "study": _study}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -204,15 +204,19 @@ def _label_tensor(labels) -> torch.Tensor:
 
 
 class UInt8ImageDataset(torch.utils.data.Dataset):
-    """A split of a MedMNIST ``DatasetDict`` as uint8 pixels (channels first) and labels.
+    """A split of a MedMNIST ``DatasetDict`` as uint8 pixels (channels first) and labels; a data
+    set without a ``label`` column (unlabelled images for pre-training) gives pixels only.
 
     ``in_memory=None`` decides by size (``max_in_memory_bytes``): decoded once into one array, or
     decoded per batch from the Arrow file (then DataLoader workers decode in parallel).
     """
 
     def __init__(self, dataset, in_memory: bool | None = None, max_in_memory_bytes: int = DEFAULT_MAX_IN_MEMORY_BYTES):
-        self.dataset = dataset.select_columns(["image", "label"]).with_format("numpy")
-        self.labels = _label_tensor(self.dataset.select_columns(["label"])[:]["label"]) if len(dataset) else torch.zeros(0, dtype=torch.long)
+        columns = [name for name in ("image", "label") if name in dataset.column_names]
+        self.dataset = dataset.select_columns(columns).with_format("numpy")
+        self.labels = None
+        if "label" in columns:
+            self.labels = _label_tensor(self.dataset.select_columns(["label"])[:]["label"]) if len(dataset) else torch.zeros(0, dtype=torch.long)
         first = self.dataset[0:1]["image"] if len(dataset) else np.zeros((0, 1, 1), np.uint8)
         self.image_shape = _channels_first(first).shape[1:]
         nbytes = len(dataset) * int(np.prod(self.image_shape))
@@ -228,7 +232,7 @@ class UInt8ImageDataset(torch.utils.data.Dataset):
         return images
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.dataset)
 
     def __getitems__(self, indices) -> dict:
         """A whole batch in one indexing call; ``collate_uint8`` passes it through."""
@@ -237,6 +241,8 @@ class UInt8ImageDataset(torch.utils.data.Dataset):
             pixels = self.images[index]
         else:
             pixels = _channels_first(self.dataset[list(map(int, indices))]["image"])
+        if self.labels is None:
+            return {"pixel_values": pixels}
         return {"pixel_values": pixels, "labels": self.labels[index]}
 
     def __getitem__(self, index: int) -> dict:
@@ -249,7 +255,4 @@ def collate_uint8(data) -> dict:
     single examples (samplers that fetch one at a time) is stacked."""
     if isinstance(data, dict):
         return data
-    return {
-        "pixel_values": torch.stack([example["pixel_values"] for example in data]),
-        "labels": torch.stack([example["labels"] for example in data]),
-    }
+    return {key: torch.stack([example[key] for example in data]) for key in data[0]}

@@ -10,59 +10,28 @@ checkpoint by validation AUC -> ONE test evaluation -> results, predictions and 
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.metadata
 import logging
 import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import datasets
 import numpy as np
 import transformers
 
-from . import __version__, outputs, run_folder
+from . import outputs, run_folder
 from .arguments import parse_args
 from .cards import write_card
 from .data import class_weights, label_array, load_medmnist, resample
-from .errors import UserError, run_with_user_errors
-from .hub import push_run, take_push_settings
+from .errors import run_with_user_errors
+from .hub import push_finished_run, take_push_settings
 from .metrics import auc_confidence_interval, confusion, make_compute_metrics, scores_from_logits
 from .modeling import count_parameters, encoder_layers, freeze_all_but_top_layers, load_image_processor, load_model
-from .resilience import StopOnSignal, check_output_dir, is_write_failure, last_complete_checkpoint, write_failure
-from .training import RECORDED_HYPERPARAMETERS, WeightedLossTrainer
+from .provenance import describe_hardware, framework_versions, git_commit, recorded_hyperparameters, resolved_config
+from .resilience import StopOnSignal, check_output_dir, train_or_stop
+from .training import RECORDED_HYPERPARAMETERS, WeightedLossTrainer, setup_logging
 from .data_path import default_num_workers, prepare_splits
 
 logger = logging.getLogger("hf_medbeit")
-
-
-class TrainingInterrupted(UserError):
-    """Ctrl-C or SIGTERM: a checkpoint was saved and the run can resume."""
-
-    label = "stopped"
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def setup_logging(training_args) -> None:
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    # Our own progress lines (data, balancing, results) on the main process even at transformers'
-    # default "passive" level; replicas follow --log_level_replica.
-    logging.getLogger("hf_medbeit").setLevel(logging.INFO if training_args.should_log else log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
 
 
 def default_run_name(model_args, data_args) -> str:
@@ -139,7 +108,6 @@ def main(argv: list[str] | None = None) -> dict:
     # command created, so no empty run folder is left behind.
     with run_folder.in_use(run, identity, is_main_process=training_args.process_index == 0):
         check_output_dir(training_args.output_dir, model, training_args.save_total_limit)
-        stop_on_signal = StopOnSignal().install()
         trainer = WeightedLossTrainer(
             model=model,
             args=training_args,
@@ -152,24 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
             multi_label=spec.is_multi_label,
             layer_decay=model_args.layer_decay,
             device_preprocessor=prepared.device_preprocessor,
-            callbacks=[stop_on_signal],
+            callbacks=[StopOnSignal()],
         )
-        try:
-            train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
-        except Exception as error:
-            if is_write_failure(error):
-                raise write_failure(error, training_args.output_dir) from error
-            raise
-        finally:
-            stop_on_signal.uninstall()
-        # All processes decide together (a signal may have come after the last step end on one only).
-        if stop_on_signal.agree(training_args) is not None:
-            trainer.accelerator.wait_for_everyone()  # no process exits while another still saves
-            raise TrainingInterrupted(
-                f"interrupted at step {trainer.state.global_step}; checkpoint saved in "
-                f"{last_complete_checkpoint(training_args.output_dir)}: run the same command again to resume",
-                exit_code=stop_on_signal.exit_code,
-            )
+        train_result = train_or_stop(trainer, resume_from_checkpoint=last_checkpoint)
         trainer.save_model()  # the best model, as safetensors, with the image processor and config
         trainer.save_state()
         trainer.log_metrics("train", train_result.metrics)
@@ -205,68 +158,15 @@ def main(argv: list[str] | None = None) -> dict:
             write_run_outputs(training_args.output_dir, spec, test_output, results,
                               resolved_config(model_args, data_args, training_args))
             write_card(training_args.output_dir, repo_id=hub_push.repo_id if hub_push else None)
-            if hub_push is not None:
-                try:
-                    push_run(training_args.output_dir, hub_push.repo_id, private=hub_push.private,
-                             revision=hub_push.revision, token=hub_push.token)
-                except UserError as error:
-                    raise UserError(
-                        f"training finished and {training_args.output_dir} is complete, but {error}; "
-                        f"retry with: hf-medbeit push {training_args.output_dir} --repo-id {hub_push.repo_id}"
-                    ) from error
+            push_finished_run(training_args.output_dir, hub_push)
         return results
-
-
-def describe_hardware(training_args) -> str:
-    import torch
-
-    device = training_args.device
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    elif device.type == "cpu":
-        name = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
-    else:
-        name = device.type.upper()
-    return f"{training_args.world_size} x {name}"
-
-
-def git_commit() -> str | None:
-    """The commit of the hf_medbeit checkout that ran, with "-dirty" if it had local changes."""
-    source = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10)
-        if commit.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None  # not a git checkout, or no git: an installed package
-    return commit.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def resolved_config(model_args, data_args, training_args) -> dict:
-    """Every argument of the run, flat, as `hf-medbeit train CONFIG.json` reads it back."""
-    return {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **training_args.to_dict()}
 
 
 def run_provenance(model_args, data_args, training_args, model) -> dict:
     """What the model card needs to say how the model was made (never the Hub token)."""
-    import huggingface_hub
-    import torch
-
     from_scratch = bool(model_args.model_type or model_args.config_name)
     checkpoint = model_args.model_name_or_path
-    hyperparameters = {}
-    for name in RECORDED_HYPERPARAMETERS:
-        value = getattr(training_args, name, None)
-        if hasattr(value, "value"):  # enums (optimizer, scheduler, strategies)
-            value = value.value
-        if value is not None:
-            hyperparameters[name] = value
-    hyperparameters["world_size"] = training_args.world_size
-    hyperparameters["total_train_batch_size"] = (
-        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
-    )
+    hyperparameters = recorded_hyperparameters(training_args, RECORDED_HYPERPARAMETERS)
     return {
         "model_type": model.config.model_type,
         "trained_from_scratch": from_scratch,
@@ -285,17 +185,7 @@ def run_provenance(model_args, data_args, training_args, model) -> dict:
         "hyperparameters": hyperparameters,
         "hardware": describe_hardware(training_args),
         "git_commit": git_commit(),
-        "framework_versions": {
-            "python": platform.python_version(),
-            "hf_medbeit": __version__,
-            "medmnist": importlib.metadata.version("medmnist"),
-            "accelerate": importlib.metadata.version("accelerate"),
-            "numpy": np.__version__,
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-            "datasets": datasets.__version__,
-            "huggingface_hub": huggingface_hub.__version__,
-        },
+        "framework_versions": framework_versions(),
     }
 
 

@@ -156,7 +156,13 @@ def _config_source(model_args) -> tuple[type, dict, str]:
 
 def build_config(model_args, spec: MedMNISTSpec) -> PretrainedConfig:
     """The config of a model built from ``--model_type``/``--config_name`` and ``--config_overrides``,
-    with the data set's labels (``spec``) and the input size in ``image_size``.
+    with the data set's labels (``spec``) and the input size in ``image_size``."""
+    return build_config_for(model_args, label_config(spec), spec.size)
+
+
+def build_config_for(model_args, labels: dict, native_size: int) -> PretrainedConfig:
+    """``build_config`` for any ``labels`` (``label_config``'s fields; none for pre-training) and
+    data at ``native_size`` pixels per side.
 
     The config is built once from all its values, so fields derived from others (BEiT's and
     ResNet's backbone stage names, from the depth) follow the overrides. Every mistake is one
@@ -174,8 +180,8 @@ def build_config(model_args, spec: MedMNISTSpec) -> PretrainedConfig:
     # A timm config file names its classes with num_classes/label_names: the data set's replace them.
     for key in ("num_classes", "label_names"):
         values.pop(key, None)
-    values.update(label_config(spec))
-    values["image_size"] = input_size(model_args, values, spec, source)
+    values.update(labels)
+    values["image_size"] = input_size(model_args, values, native_size, source)
     try:
         return config_class(**values)
     except (ValueError, TypeError, StrictDataclassError) as error:
@@ -184,7 +190,25 @@ def build_config(model_args, spec: MedMNISTSpec) -> PretrainedConfig:
                         "fix the value it names") from error
 
 
-def input_size(model_args, values: dict, spec: MedMNISTSpec, source: str) -> int:
+def build_pretraining_config(model_args, native_size: int) -> PretrainedConfig:
+    """A BEiT config for masked image modeling from ``--config_name``/``--config_overrides``
+    (``hf-medbeit pretrain``): no labels, a mask token, input at ``--image_size`` or ``native_size``."""
+    from types import SimpleNamespace
+
+    source = SimpleNamespace(
+        model_type=None if model_args.config_name else "beit", config_name=model_args.config_name,
+        config_overrides=model_args.config_overrides, image_size=model_args.image_size,
+        model_revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+    )
+    config = build_config_for(source, {}, native_size)
+    if config.model_type != "beit":
+        raise UserError(f"--config_name {model_args.config_name} is a {config.model_type} config; pre-training "
+                        "(masked image modeling) is for BEiT: pass a BEiT config")
+    config.use_mask_token = True
+    return config
+
+
+def input_size(model_args, values: dict, native_size: int, source: str) -> int:
     """The side of the square images a config-built model gets: ``--image_size``; else an
     ``image_size`` written in the config file or the overrides (a ViT/BEiT whose position
     embeddings are sized to it); else the data set's own size (native: 28 for MedMNIST 28)."""
@@ -193,7 +217,7 @@ def input_size(model_args, values: dict, spec: MedMNISTSpec, source: str) -> int
     if model_args.image_size and written and model_args.image_size != written:
         raise UserError(f"--image_size {model_args.image_size} disagrees with image_size={written} of {source}; "
                         "drop one of them")
-    return model_args.image_size or written or spec.size
+    return model_args.image_size or written or native_size
 
 
 def _first_line(error: BaseException) -> str:

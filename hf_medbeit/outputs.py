@@ -79,8 +79,13 @@ class UnreadableResults(UserError):
         self.reason = reason
 
 
-def read_results(run_dir: str | os.PathLike) -> dict:
-    """``all_results.json`` of a run folder, checked: present, valid JSON, with the test metrics."""
+# A pre-training run (hf-medbeit pretrain) has no labels, so no test metrics; what its card needs.
+REQUIRED_PRETRAINING_RESULTS = ("kind", "mim_target", "sources", "image_size", "patch_size", "images_per_epoch")
+
+
+def read_results(run_dir: str | os.PathLike, kind: str = "train") -> dict:
+    """``all_results.json`` of a run folder of ``kind`` (train or pretrain), checked: present,
+    valid JSON, with the test metrics (fine-tuning) or the pre-training record (pretrain)."""
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         raise UnreadableResults(run_dir, f"no {RESULTS_FILE} (unfinished or not a run folder)")
@@ -90,7 +95,14 @@ def read_results(run_dir: str | os.PathLike) -> dict:
         raise UnreadableResults(run_dir, f"{RESULTS_FILE} is corrupt ({type(error).__name__}: {error})") from error
     if not isinstance(results, dict):
         raise UnreadableResults(run_dir, f"{RESULTS_FILE} is not a JSON object")
-    missing = [key for key in REQUIRED_RESULTS if key not in results]
+    found = results.get("kind", "train")
+    if found != kind:
+        if found == "pretrain":
+            raise UserError(f"{run_dir} is a pre-training run (an encoder without a classifier); fine-tune it first: "
+                            f"hf-medbeit train --model_name_or_path {run_dir} --dataset_name ...")
+        raise UserError(f"{run_dir} is a fine-tuning run, not a pre-training run; pass an hf-medbeit pretrain folder")
+    required = REQUIRED_PRETRAINING_RESULTS if kind == "pretrain" else REQUIRED_RESULTS
+    missing = [key for key in required if key not in results]
     if missing:
         raise UnreadableResults(run_dir, f"{RESULTS_FILE} lacks {', '.join(missing)}")
     return results
@@ -159,4 +171,23 @@ def plot_roc_curves(path: str | os.PathLike, y_true: np.ndarray, scores: np.ndar
                 RocCurveDisplay.from_predictions(truth[:, index], scores[:, index], name=name, ax=axis)
     axis.plot([0, 1], [0, 1], linestyle=":", color="grey")
     axis.set_title(title)
+    _save_figure(figure, Path(path))
+
+
+def plot_loss_curve(path: str | os.PathLike, log_history: list[dict], title: str) -> None:
+    """The training loss Trainer logged, against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    if points:
+        steps, losses = zip(*points)
+        axis.plot(steps, losses, color="tab:blue")
+    axis.set_xlabel("step")
+    axis.set_ylabel("training loss")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
     _save_figure(figure, Path(path))

@@ -194,3 +194,39 @@ def write_failure(error: BaseException, output_dir: str) -> UserError:
         f"could not write to {output_dir} ({reason}); {resume}free space or fix permissions, "
         "then run the same command again to resume"
     )
+
+
+class TrainingInterrupted(UserError):
+    """Ctrl-C or SIGTERM: a checkpoint was saved and the run can resume."""
+
+    label = "stopped"
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def train_or_stop(trainer, resume_from_checkpoint: str | None = None):
+    """``trainer.train`` as every recipe runs it: a signal saves a checkpoint and raises
+    ``TrainingInterrupted`` (the same command resumes); a failed write names the checkpoint to
+    resume from. ``trainer`` must have been built with a ``StopOnSignal`` among its callbacks."""
+    args = trainer.args
+    stop_on_signal = next(callback for callback in trainer.callback_handler.callbacks if isinstance(callback, StopOnSignal))
+    stop_on_signal.install()
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    except Exception as error:
+        if is_write_failure(error):
+            raise write_failure(error, args.output_dir) from error
+        raise
+    finally:
+        stop_on_signal.uninstall()
+    # All processes decide together (a signal may have come after the last step end on one only).
+    if stop_on_signal.agree(args) is not None:
+        trainer.accelerator.wait_for_everyone()  # no process exits while another still saves
+        raise TrainingInterrupted(
+            f"interrupted at step {trainer.state.global_step}; checkpoint saved in "
+            f"{last_complete_checkpoint(args.output_dir)}: run the same command again to resume",
+            exit_code=stop_on_signal.exit_code,
+        )
+    return train_result

@@ -44,12 +44,13 @@ class RunFolder:
     existed: bool  # the folder was there before this command
 
 
-def resolve(output_dir: str, identity: dict, explicit_checkpoint: str | None = None) -> RunFolder:
+def resolve(output_dir: str, identity: dict, explicit_checkpoint: str | None = None, kind: str = "train") -> RunFolder:
     """Decide what to do with ``output_dir`` without touching it.
 
     New (absent or empty) -> start; a finished run -> refuse; this project's unfinished run ->
     resume from its last complete checkpoint (or start again if it has none), provided it was
-    started with the same ``identity`` arguments; anything else -> refuse.
+    started with the same ``identity`` arguments by the same command (``kind``: train, pretrain);
+    anything else -> refuse.
     """
     folder = Path(output_dir)
     if folder.exists() and not folder.is_dir():
@@ -65,7 +66,7 @@ def resolve(output_dir: str, identity: dict, explicit_checkpoint: str | None = N
         raise UserError(f"{output_dir} already holds a finished run ({RESULTS_FILE}); pass another --output_dir or delete it")
     checkpoints = [name for name in entries if name.startswith("checkpoint-")]
     if MARKER_FILE in entries:
-        _check_same_run(folder, identity)
+        _check_same_run(folder, identity, kind)
     else:
         foreign = [name for name in entries if name not in checkpoints and name not in TRAINER_FILES]
         incomplete = [name for name in checkpoints if not is_complete_checkpoint(str(folder / name))]
@@ -122,12 +123,17 @@ def release_if_unused(run: RunFolder) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _check_same_run(folder: Path, identity: dict) -> None:
+def _check_same_run(folder: Path, identity: dict, kind: str = "train") -> None:
     try:
-        recorded = json.loads((folder / MARKER_FILE).read_text()).get("identity", {})
+        marker = json.loads((folder / MARKER_FILE).read_text())
+        recorded = marker.get("identity", {})
+        recorded_kind = marker.get("kind", "train")
     except (OSError, ValueError, AttributeError):
         raise UserError(f"{folder / MARKER_FILE} is damaged; pass another --output_dir") from None
-    changed = [name for name in IDENTITY_ARGUMENTS if name in recorded and recorded[name] != identity.get(name)]
+    if recorded_kind != kind:
+        raise UserError(f"{folder} holds an unfinished `hf-medbeit {recorded_kind}` run, not a {kind} run; resume it with "
+                        f"hf-medbeit {recorded_kind}, or pass another --output_dir")
+    changed = [name for name in recorded if recorded[name] != identity.get(name)]
     if changed:
         details = ", ".join(f"--{name} {recorded[name]!r} then, {identity.get(name)!r} now" for name in changed)
         raise UserError(f"{folder} holds an unfinished run with other arguments ({details}); resume it with the same "
@@ -156,6 +162,9 @@ def check_checkpoint_fits(model, checkpoint: str) -> None:
                         "resume with the model arguments of that run, or pass another --output_dir")
 
 
-def identity_of(model_args, data_args, training_args) -> dict:
-    values = {**vars(model_args), **vars(data_args), "seed": training_args.seed}
-    return {name: values.get(name) for name in IDENTITY_ARGUMENTS}
+def identity_of(*argument_objects, names=IDENTITY_ARGUMENTS) -> dict:
+    """The ``names`` arguments' values, from the argument dataclasses (the last one wins)."""
+    values = {}
+    for arguments in argument_objects:
+        values.update(vars(arguments))
+    return {name: values.get(name) for name in names}

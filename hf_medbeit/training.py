@@ -9,7 +9,9 @@ expectation, and unlike PyTorch's weighted ``"mean"`` it does not change with ho
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,6 +82,45 @@ class MedMNISTTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
+@dataclass
+class PretrainingArguments(MedMNISTTrainingArguments):
+    """``TrainingArguments`` for masked image modeling: no labels, so no validation or selection
+    (the last model is the result); AdamW with BEiT's weight decay 0.05, warm-up and cosine decay."""
+
+    num_train_epochs: float = field(default=100.0, metadata={"help": "Pre-training epochs."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (BEiT: 1.5e-3 at batch 2048)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (BEiT: 0.05)."})
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "Training batch size per device."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (BEiT: cosine)."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Linear warm-up: steps, or a share of all steps if below 1."})
+    eval_strategy: str = field(default="no", metadata={"help": "No validation: pre-training has no labels."})
+    load_best_model_at_end: bool = field(default=False, metadata={"help": "The last model is the result."})
+    metric_for_best_model: str | None = field(default=None, metadata={"help": "Unused in pre-training."})
+    greater_is_better: bool | None = field(default=None, metadata={"help": "Unused in pre-training."})
+    save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept for resuming."})
+    logging_steps: float = field(default=50, metadata={"help": "Log the loss every N steps."})
+
+
+def setup_logging(training_args) -> None:
+    """Hugging Face's example-script logging, at the level ``training_args`` asks for."""
+    import datasets
+    import transformers
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    # Our own progress lines (data, balancing, results) on the main process even at transformers'
+    # default "passive" level; replicas follow --log_level_replica.
+    logging.getLogger("hf_medbeit").setLevel(logging.INFO if training_args.should_log else log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
 def launched_as_several_processes_without_accelerator() -> bool:
     """True in a process that torchrun started as one of several (LOCAL_RANK and WORLD_SIZE > 1 set)
     on a machine where torch sees no accelerator (CUDA, XPU, MPS, ...)."""
@@ -104,28 +145,21 @@ def apply_gpu_defaults(args: TrainingArguments) -> None:
         args.tf32 = True
 
 
-class WeightedLossTrainer(Trainer):
-    """``Trainer`` whose loss weights classes: cross-entropy with per-class weights for single-label
-    tasks, BCE-with-logits with per-finding ``pos_weight`` for multi-label ones.
+class MedMNISTTrainer(Trainer):
+    """``Trainer`` with what every recipe here needs (fine-tuning and pre-training alike):
 
-    ``class_weights=None`` gives the plain (unweighted) loss. ``layer_decay`` switches on BEiT's
-    layer-wise learning-rate decay through the optimizer's parameter groups. ``device_preprocessor``
-    (``fast_path.DevicePreprocessor``) turns uint8 batches into the model's ``pixel_values`` on the
-    training device, at the start of every training and evaluation step.
+    * ``device_preprocessor`` (``fast_path.DevicePreprocessor``) turns uint8 batches into the
+      model's ``pixel_values`` on the training device, at the start of every step;
+    * ``layer_decay`` switches on BEiT's layer-wise learning-rate decay through the optimizer's
+      parameter groups;
+    * checkpoints are reloaded through ``from_pretrained`` (see below), so the best model at the
+      end and a resumed run get the saved weights, not a silent partial match.
     """
 
-    def __init__(
-        self, *args, class_weights=None, multi_label: bool = False, layer_decay: float | None = None,
-        device_preprocessor=None, **kwargs,
-    ):
+    def __init__(self, *args, layer_decay: float | None = None, device_preprocessor=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.device_preprocessor = device_preprocessor
-        self.class_weights = None if class_weights is None else torch.as_tensor(np.asarray(class_weights), dtype=torch.float32)
-        self.multi_label = multi_label
         self.layer_decay = layer_decay
-        # Makes Trainer count the labels of each accumulated batch (across processes) and pass that
-        # count as `num_items_in_batch`; it then does not divide our loss by the accumulation steps.
-        self.model_accepts_loss_kwargs = True
 
     def preprocess_on_device(self, inputs: dict) -> dict:
         """uint8 pixels -> normalised float ``pixel_values``; batches already in float pass as they are."""
@@ -138,28 +172,6 @@ class WeightedLossTrainer(Trainer):
         # Also covers predictions without labels, where Trainer calls the model, not compute_loss.
         inputs = self.preprocess_on_device(self._prepare_inputs(inputs))
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = self.preprocess_on_device(inputs)
-        labels = inputs["labels"]
-        outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
-        loss = self.weighted_loss(outputs.logits, labels, num_items_in_batch)
-        return (loss, outputs) if return_outputs else loss
-
-    def weighted_loss(self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-        logits = logits.float()
-        weights = None if self.class_weights is None else self.class_weights.to(logits.device)
-        if self.multi_label:
-            per_item = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), pos_weight=weights, reduction="none")
-        else:
-            per_item = F.cross_entropy(logits, labels, weight=weights, reduction="none")
-        if num_items_in_batch is None:
-            return per_item.mean()
-        loss = per_item.sum() / num_items_in_batch
-        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            # DDP averages gradients over processes, but the count already spans all of them.
-            loss = loss * self.accelerator.num_processes
-        return loss
 
     def create_optimizer(self, model=None):
         if self.layer_decay is None or self.optimizer is not None:
@@ -204,3 +216,40 @@ class WeightedLossTrainer(Trainer):
         if not self._single_file_checkpoint(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._load_weights_from_pretrained(resume_from_checkpoint, model)
+
+
+class WeightedLossTrainer(MedMNISTTrainer):
+    """``MedMNISTTrainer`` whose loss weights classes: cross-entropy with per-class weights for
+    single-label tasks, BCE-with-logits with per-finding ``pos_weight`` for multi-label ones.
+    ``class_weights=None`` gives the plain (unweighted) loss.
+    """
+
+    def __init__(self, *args, class_weights=None, multi_label: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.class_weights = None if class_weights is None else torch.as_tensor(np.asarray(class_weights), dtype=torch.float32)
+        self.multi_label = multi_label
+        # Makes Trainer count the labels of each accumulated batch (across processes) and pass that
+        # count as `num_items_in_batch`; it then does not divide our loss by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = self.preprocess_on_device(inputs)
+        labels = inputs["labels"]
+        outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+        loss = self.weighted_loss(outputs.logits, labels, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def weighted_loss(self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        logits = logits.float()
+        weights = None if self.class_weights is None else self.class_weights.to(logits.device)
+        if self.multi_label:
+            per_item = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), pos_weight=weights, reduction="none")
+        else:
+            per_item = F.cross_entropy(logits, labels, weight=weights, reduction="none")
+        if num_items_in_batch is None:
+            return per_item.mean()
+        loss = per_item.sum() / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            # DDP averages gradients over processes, but the count already spans all of them.
+            loss = loss * self.accelerator.num_processes
+        return loss
