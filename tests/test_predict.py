@@ -256,7 +256,7 @@ def test_device_cuda_without_a_visible_gpu_is_one_line_that_says_use_cpu(run_dir
 @pytest.mark.parametrize("device, message", [
     ("gpu", "--device gpu is not a device name; use --device cpu, cuda or cuda:N"),
     ("cuda:x", "--device cuda:x is not a device name"),
-    ("meta", "--device meta: predict runs on cpu, cuda or mps"),
+    ("meta", "--device meta: hf-medbeit runs on cpu, cuda or mps"),
 ])
 def test_an_unknown_device_string_is_a_user_error(run_dir, tmp_path, device, message):
     with pytest.raises(UserError, match=message):
