@@ -22,7 +22,7 @@ from . import outputs, run_folder
 from .arguments import parse_args
 from .cards import write_card
 from .data import class_weights, label_array, load_medmnist, resample
-from .errors import run_with_user_errors
+from .errors import UserError, run_with_user_errors
 from .hub import push_finished_run, take_push_settings
 from .metrics import auc_confidence_interval, confusion, make_compute_metrics, scores_from_logits
 from .modeling import count_parameters, encoder_layers, freeze_all_but_top_layers, load_image_processor, load_model
@@ -174,6 +174,8 @@ def run_provenance(model_args, data_args, training_args, model) -> dict:
         "model_name_or_path": None if from_scratch else checkpoint,
         # A Hub id is a base model the Hub can link to; a local folder is not.
         "base_model": None if from_scratch or os.path.isdir(checkpoint) else checkpoint,
+        # Fine-tuned from an `hf-medbeit pretrain` folder: what that encoder was pre-trained on, and how.
+        "pretraining": None if from_scratch else pretraining_record(checkpoint),
         "model_revision": None if from_scratch else model_args.model_revision,
         "trainable_top_layers": model_args.trainable_top_layers,
         "layer_decay": model_args.layer_decay,
@@ -186,6 +188,25 @@ def run_provenance(model_args, data_args, training_args, model) -> dict:
         "hardware": describe_hardware(training_args),
         "git_commit": git_commit(),
         "framework_versions": framework_versions(),
+    }
+
+
+def pretraining_record(checkpoint: str) -> dict | None:
+    """The pre-training run behind a local ``--model_name_or_path`` (its objective and sources), or
+    None when the checkpoint is not an ``hf-medbeit pretrain`` folder."""
+    if not os.path.isdir(checkpoint):
+        return None
+    try:
+        pretrained = outputs.read_results(checkpoint, kind="pretrain")
+    except UserError:
+        return None
+    return {
+        "run": checkpoint,
+        "mim_target": pretrained["mim_target"],
+        "sources": [source["name"] for source in pretrained["sources"]],
+        "images_per_epoch": pretrained["images_per_epoch"],
+        "epochs": pretrained.get("hyperparameters", {}).get("num_train_epochs"),
+        "git_commit": pretrained.get("git_commit"),
     }
 
 

@@ -16,8 +16,8 @@ downloaded here. Two targets that need nothing from outside:
   to zero mean and unit variance as MAE's ``norm_pix_loss``). ``lm_head`` has
   ``patch_size**2 * 3`` outputs: the same model class and weight names, a different output.
 
-Masks are drawn on the host in the data loader (a boolean per patch; BEiT's block-wise algorithm
-or uniform random patches), pixels are resized, normalised and augmented on the training device.
+Masks are drawn on the host (a boolean per patch; BEiT's block-wise algorithm or uniform random
+patches), pixels are resized, normalised and augmented on the training device.
 """
 
 from __future__ import annotations
@@ -114,23 +114,16 @@ def make_mask_generator(kind: str, grid: tuple[int, int], mask_ratio: float):
     raise ValueError(f"masking must be one of {MASKING_KINDS}, not {kind!r}")
 
 
-class MaskingCollator:
-    """``collate_uint8`` plus ``bool_masked_pos`` (batch, patches) from ``generator``.
+def collate_images(data) -> dict:
+    """``collate_uint8`` without labels: pre-training never sees them."""
+    batch = collate_uint8(data)
+    batch.pop("labels", None)
+    return batch
 
-    Each batch's masks come from a NumPy generator seeded by torch's RNG: reproducible under
-    ``--seed`` in the main process, and different in every DataLoader worker (torch seeds each
-    worker differently; a NumPy generator copied into the workers would repeat the same masks)."""
 
-    def __init__(self, generator):
-        self.generator = generator
-
-    def __call__(self, data) -> dict:
-        batch = collate_uint8(data)
-        batch.pop("labels", None)  # pre-training never sees labels
-        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
-        masks = np.stack([self.generator(rng) for _ in range(batch["pixel_values"].shape[0])])
-        batch["bool_masked_pos"] = torch.from_numpy(masks)
-        return batch
+def draw_masks(generator, batch_size: int, rng: np.random.Generator) -> torch.Tensor:
+    """(batch_size, patches) booleans, one mask per image."""
+    return torch.from_numpy(np.stack([generator(rng) for _ in range(batch_size)]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,31 +271,31 @@ class DeviceAugmenter:
     flip per image, as one batched affine resampling on the training device (BEiT pre-trains with
     both). The output has the input's size."""
 
-    def __init__(self, min_scale: float = 0.5, flip: bool = True):
+    def __init__(self, min_scale: float = 0.5, flip: bool = True, aspect: tuple[float, float] = (3 / 4, 4 / 3)):
         self.min_scale = min_scale
         self.flip = flip
+        self.log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
 
     @torch.no_grad()
-    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def __call__(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``generator`` (a CPU generator) draws the crops; the few numbers per image are drawn on
+        the host and the resampling runs on the batch's device."""
         batch = pixel_values.shape[0]
-        device = pixel_values.device
-        scale = torch.empty(batch, device=device).uniform_(self.min_scale, 1.0)
-        log_aspect = torch.empty(batch, device=device).uniform_(math.log(3 / 4), math.log(4 / 3))
-        aspect = log_aspect.exp()
+        draws = torch.rand(5, batch, generator=generator)
+        scale = self.min_scale + (1.0 - self.min_scale) * draws[0]
+        aspect = (self.log_aspect[0] + (self.log_aspect[1] - self.log_aspect[0]) * draws[1]).exp()
         width = (scale * aspect).sqrt().clamp(max=1.0)  # fractions of the image's side
         height = (scale / aspect).sqrt().clamp(max=1.0)
-        centre_x = (torch.rand(batch, device=device) * 2 - 1) * (1 - width)
-        centre_y = (torch.rand(batch, device=device) * 2 - 1) * (1 - height)
-        sign = torch.ones(batch, device=device)
-        if self.flip:
-            sign = torch.where(torch.rand(batch, device=device) < 0.5, -sign, sign)
-        theta = torch.zeros(batch, 2, 3, device=device)
+        centre_x = (draws[2] * 2 - 1) * (1 - width)
+        centre_y = (draws[3] * 2 - 1) * (1 - height)
+        sign = torch.where(draws[4] < 0.5, -1.0, 1.0) if self.flip else torch.ones(batch)
+        theta = torch.zeros(batch, 2, 3)
         theta[:, 0, 0] = width * sign
         theta[:, 0, 2] = centre_x
         theta[:, 1, 1] = height
         theta[:, 1, 2] = centre_y
         pixel_values = pixel_values.float()
-        grid = F.affine_grid(theta, list(pixel_values.shape), align_corners=False)
+        grid = F.affine_grid(theta.to(pixel_values.device), list(pixel_values.shape), align_corners=False)
         return F.grid_sample(pixel_values, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -314,19 +307,35 @@ class DeviceAugmenter:
 class MaskedImageModelingTrainer(MedMNISTTrainer):
     """``MedMNISTTrainer`` (device preprocessing, checkpoint reloading, layer decay) with the masked
     image modeling loss of ``target`` (``TokenTarget`` or ``PixelTarget``) on
-    ``BeitForMaskedImageModeling``, and ``augmenter`` applied to every training batch."""
+    ``BeitForMaskedImageModeling``: masks from ``mask_generator``, crops from ``augmenter``.
 
-    def __init__(self, *args, target, augmenter: DeviceAugmenter | None = None, **kwargs):
+    Masks and crops are drawn from a seed made of the run's seed, the optimizer step, the
+    micro-batch within it and the process: a function of where the run is, not of a random stream.
+    A run resumed from a checkpoint therefore draws exactly what an uninterrupted run would, and
+    ends with the same weights.
+    """
+
+    def __init__(self, *args, target, mask_generator, augmenter: DeviceAugmenter | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.target = target
+        self.mask_generator = mask_generator
         self.augmenter = augmenter
+        self._draw_step, self._micro_batch = -1, 0
+
+    def _draw_seed(self) -> int:
+        step = self.state.global_step
+        if step != self._draw_step:
+            self._draw_step, self._micro_batch = step, 0
+        self._micro_batch += 1
+        return int(np.random.SeedSequence([self.args.seed, step, self._micro_batch, self.args.process_index]).generate_state(1)[0])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = self.preprocess_on_device(inputs)
         pixel_values = inputs["pixel_values"]
+        seed = self._draw_seed()
         if self.augmenter is not None and model.training:
-            pixel_values = self.augmenter(pixel_values)
-        mask = inputs["bool_masked_pos"].to(pixel_values.device)
+            pixel_values = self.augmenter(pixel_values, generator=torch.Generator().manual_seed(seed))
+        mask = draw_masks(self.mask_generator, pixel_values.shape[0], np.random.default_rng(seed)).to(pixel_values.device)
         outputs = model(pixel_values=pixel_values, bool_masked_pos=mask)
         loss = self.target.loss(outputs.logits[mask], pixel_values, mask)
         return (loss, outputs) if return_outputs else loss

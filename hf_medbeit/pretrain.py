@@ -29,8 +29,8 @@ from .arguments import parse_pretrain_args
 from .errors import UserError, run_with_user_errors
 from .fast_path import DevicePreprocessor, UInt8ImageDataset, UnsupportedProcessor
 from .hub import push_finished_run, take_push_settings
-from .mim import (CODEBOOK_FILE, DeviceAugmenter, MaskedImageModelingTrainer, MaskingCollator, PatchCodebook, PixelTarget,
-                  TokenTarget, make_mask_generator)
+from .mim import (CODEBOOK_FILE, DeviceAugmenter, MaskedImageModelingTrainer, PatchCodebook, PixelTarget, TokenTarget,
+                  collate_images, make_mask_generator)
 from .modeling import build_image_processor, build_pretraining_config, count_parameters
 from .provenance import describe_hardware, framework_versions, git_commit, recorded_hyperparameters, resolved_config
 from .relative_position import use_fast_relative_position_bias
@@ -149,7 +149,6 @@ def main(argv: list[str] | None = None) -> dict:
         codebook = None
         target = PixelTarget(patch_size, normalize=mim_args.normalize_target)
     grid = (model.config.image_size // patch_size, model.config.image_size // patch_size)
-    masks = MaskingCollator(make_mask_generator(mim_args.masking, grid, mim_args.mask_ratio))
 
     if run.resume_from is not None:
         run_folder.check_checkpoint_fits(model, run.resume_from)
@@ -162,8 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
             args=training_args,
             train_dataset=images,
             processing_class=image_processor,
-            data_collator=masks,
+            data_collator=collate_images,
             target=target,
+            mask_generator=make_mask_generator(mim_args.masking, grid, mim_args.mask_ratio),
             augmenter=DeviceAugmenter(mim_args.crop_min_scale) if mim_args.augment else None,
             device_preprocessor=preprocess,
             layer_decay=model_args.layer_decay,
