@@ -277,6 +277,30 @@ def _warnings(results: dict, label_names: list[str], counts, from_scratch: bool,
     return notes
 
 
+def explained_images(run: Path) -> dict | None:
+    """The explained test images (``RUN/explanations``, written by ``hf-medbeit explain --split
+    test`` or at the end of training): the grid's path, how the images were chosen, how many
+    right and wrong, and the sanity-check numbers per method. None when absent or unreadable."""
+    folder = run / "explanations"
+    summary = _read_json(folder / "explanations.json", required=False) if (folder / "grid.png").is_file() else {}
+    if not summary or summary.get("split") != "test":
+        return None
+    images = summary.get("images") or []
+    sanity = summary.get("sanity_checks") or {}
+    return {
+        "path": "explanations/grid.png",
+        "selection": summary.get("selection", ""),
+        "right": sum(1 for image in images if image.get("correct") is True),
+        "wrong": sum(1 for image in images if image.get("correct") is False),
+        "methods": ", ".join((summary.get("methods") or {}).values()),
+        "sanity_rows": [
+            [(summary.get("methods") or {}).get(method, method), f"{numbers['randomisation_rank_correlation']:.2f}",
+             f"{numbers['deletion_auc']:.3f}", f"{numbers['deletion_auc_random']:.3f}"]
+            for method, numbers in sanity.items()
+        ],
+    }
+
+
 def card_context(run_dir: str | os.PathLike, repo_id: str | None = None) -> tuple[ModelCardData, dict]:
     """The card's metadata and template variables, all read from the run folder."""
     run = Path(run_dir)
@@ -427,6 +451,7 @@ def card_context(run_dir: str | os.PathLike, repo_id: str | None = None) -> tupl
         "reference_source": f"{reference_meta['source']} ({reference_meta['url']})",
         "reference_protocol": reference_meta["protocol"],
         "images": images,
+        "explained": explained_images(run),
         "model_ref": model_ref,
         "citations": citations(model_type, flag),
         "multi_label": task == MULTI_LABEL_TASK,

@@ -373,3 +373,23 @@ def test_a_run_on_own_data_with_one_class_in_validation_and_test_gets_an_honest_
     assert "never predicts" not in text and "The test split holds no image of 'malignant'" in text
     assert "step None" not in text
     assert "no checkpoint could be selected by validation AUC" in text and "the last one, from step 4" in text
+
+
+def test_card_shows_the_explained_test_images_and_their_sanity_numbers_when_the_run_has_them(run_dir, tmp_path):
+    from hf_medbeit import explain
+
+    run = copy_run(run_dir, tmp_path / "run")
+    shutil.rmtree(run / explain.EXPLANATIONS_DIR, ignore_errors=True)
+    assert "Where the model looks" not in str(cards.render_card(run))
+    explain.write_run_explanations(run, per_class=1, device="cpu")
+    card = str(cards.render_card(run))
+    summary = json.loads((run / explain.EXPLANATIONS_DIR / explain.SUMMARY_FILE).read_text())
+    right = sum(image["correct"] is True for image in summary["images"])
+    wrong = sum(image["correct"] is False for image in summary["images"])
+    assert "![Explained test images](explanations/grid.png)" in card
+    assert f"{right} classified rightly,\n{wrong} wrongly" in card
+    for method, numbers in summary["sanity_checks"].items():
+        row = (f"| {explain.METHODS[method]} | {numbers['randomisation_rank_correlation']:.2f} | "
+               f"{numbers['deletion_auc']:.3f} | {numbers['deletion_auc_random']:.3f} |")
+        assert row in card
+    assert ModelCard(card).data.to_dict()["model-index"]  # the card still parses
