@@ -197,6 +197,8 @@ def validate(model_args, data_args, training_args) -> None:
         raise UserError(f"--learning_rate {training_args.learning_rate:g} must be positive (the study: 3e-4)")
     if training_args.weight_decay < 0:
         raise UserError(f"--weight_decay {training_args.weight_decay:g} must be 0 or more")
+    if training_args.explain_per_class < 0:
+        raise UserError(f"--explain_per_class {training_args.explain_per_class} must be 0 (none) or more")
     if model_args.trainable_top_layers is not None and model_args.trainable_top_layers < 0:
         raise UserError(f"--trainable_top_layers {model_args.trainable_top_layers} must be 0 or more")
     if model_args.model_type and model_args.config_name:

@@ -23,6 +23,7 @@ from .arguments import parse_args
 from .cards import write_card
 from .data import class_weights, label_array, load_medmnist, resample
 from .errors import UserError, run_with_user_errors
+from .explain import write_run_explanations
 from .hub import push_finished_run, take_push_settings
 from .metrics import auc_confidence_interval, confusion, make_compute_metrics, scores_from_logits
 from .modeling import count_parameters, encoder_layers, freeze_all_but_top_layers, load_image_processor, load_model
@@ -157,6 +158,15 @@ def main(argv: list[str] | None = None) -> dict:
         if trainer.is_world_process_zero():
             write_run_outputs(training_args.output_dir, spec, test_output, results,
                               resolved_config(model_args, data_args, training_args))
+            # A few test images per class (right and wrong) with heat maps, for the card. The run is
+            # finished and whole without them: a failure here is a warning, not a lost run.
+            try:
+                if training_args.explain_per_class > 0:
+                    write_run_explanations(training_args.output_dir, per_class=training_args.explain_per_class,
+                                           device=str(trainer.args.device))
+            except Exception as error:  # noqa: BLE001 - any failure of an optional figure
+                logger.warning("No explained test images in the card (%s: %s); make them with: hf-medbeit explain "
+                               "--model %s --split test", type(error).__name__, error, training_args.output_dir)
             write_card(training_args.output_dir, repo_id=hub_push.repo_id if hub_push else None)
             push_finished_run(training_args.output_dir, hub_push)
         return results

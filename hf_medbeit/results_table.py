@@ -118,6 +118,10 @@ def summarise(method: Method) -> dict:
         summary[f"{metric}_mean"] = float(np.mean(values))
         summary[f"{metric}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
         summary[f"{metric}_runs"] = values.tolist()
+    # Validation AUC of the selected checkpoint: what choices between methods may be made on (never test).
+    validation = _numbers(method.runs, "eval_auc")
+    summary["val_auc_mean"] = float(np.mean(validation))
+    summary["val_auc_std"] = float(np.std(validation, ddof=1)) if len(validation) > 1 else math.nan
     intervals = np.array([run.results.get("test_auc_ci95") or [math.nan, math.nan] for run in method.runs], dtype=float)
     summary["ci_low_mean"], summary["ci_high_mean"] = (float(value) for value in np.mean(intervals, axis=0))
     return summary
@@ -314,6 +318,7 @@ def csv_rows(grid: Grid, methods: list[Method], comparisons: list[Comparison]) -
                 "dataset": dataset, "size": size, "method": method.name, "kind": "ours", "source": "this study",
                 **{axis: method.values[axis].label for axis in axis_names},
                 "n_runs": summary["n"], "seeds": " ".join(method.seeds),
+                "val_auc_mean": summary["val_auc_mean"], "val_auc_std": summary["val_auc_std"],
                 "test_auc_mean": summary["auc_mean"], "test_auc_std": summary["auc_std"],
                 "test_acc_mean": summary["acc_mean"], "test_acc_std": summary["acc_std"],
                 "test_auc_ci95_low_mean": summary["ci_low_mean"], "test_auc_ci95_high_mean": summary["ci_high_mean"],
@@ -326,7 +331,7 @@ def csv_rows(grid: Grid, methods: list[Method], comparisons: list[Comparison]) -
         for row in reference_rows(dataset):
             rows.append({"dataset": dataset, "size": "", "method": row["method"], "kind": QUOTED,
                          "source": f"quoted: {row['source']}", **{axis: "" for axis in axis_names},
-                         "n_runs": "", "seeds": "", "test_auc_mean": row["auc"], "test_auc_std": "",
+                         "n_runs": "", "seeds": "", "val_auc_mean": "", "val_auc_std": "", "test_auc_mean": row["auc"], "test_auc_std": "",
                          "test_acc_mean": "" if row["acc"] is None else row["acc"], "test_acc_std": "",
                          "test_auc_ci95_low_mean": "", "test_auc_ci95_high_mean": "", "baseline": "",
                          "auc_diff_vs_baseline": "", "auc_diff_ci95_low": "", "auc_diff_ci95_high": "",
@@ -363,7 +368,8 @@ def markdown_text(grid: Grid, methods: list[Method], missing: list[str], compari
               + (f"; not finished: {', '.join(missing)}" if missing else "") + "). Each cell's config is "
               f"`{grid.root}/<cell>.yaml` and its run folder `{grid.root}/<cell>/`.", ""]
     lines += ["Ours: mean ± sample std (ddof=1) over the n runs (seeds) of each method, test split, model "
-              "selected by validation AUC. The CI column is the mean over runs of each run's bootstrap 95% "
+              "selected by validation AUC (the val AUC column: the selected checkpoint's, the only column to choose "
+              "between methods on). The CI column is the mean over runs of each run's bootstrap 95% "
               "interval of its test AUC (test images resampled). Rows marked *quoted* are published numbers, "
               "copied with their source, not rerun here.", ""]
     for (dataset, size), members in sections(methods).items():
@@ -371,13 +377,14 @@ def markdown_text(grid: Grid, methods: list[Method], missing: list[str], compari
         rows = []
         for method in members:
             summary = summarise(method)
-            rows.append([f"`{method.name}`", summary["n"], _mean_std(summary["auc_mean"], summary["auc_std"]),
+            rows.append([f"`{method.name}`", summary["n"], _mean_std(summary["val_auc_mean"], summary["val_auc_std"]),
+                         _mean_std(summary["auc_mean"], summary["auc_std"]),
                          _mean_std(summary["acc_mean"], summary["acc_std"]),
                          f"{_number(summary['ci_low_mean'])}-{_number(summary['ci_high_mean'])}", "ours"])
         for row in reference_rows(dataset):
-            rows.append([f"{row['method']} *(quoted)*", "-", _number(row["auc"]), _number(row["acc"]), "-",
+            rows.append([f"{row['method']} *(quoted)*", "-", "-", _number(row["auc"]), _number(row["acc"]), "-",
                          f"quoted: {row['source']}"])
-        lines += _markdown(["method", "n", "test AUC", "test ACC", "test AUC 95% CI (mean of runs)", "source"], rows)
+        lines += _markdown(["method", "n", "val AUC", "test AUC", "test ACC", "test AUC 95% CI (mean of runs)", "source"], rows)
         lines.append("")
         section_comparisons = [c for c in comparisons if any(m.name == c.method_a for m in members)]
         if section_comparisons:

@@ -58,6 +58,11 @@ class MedMNISTTrainingArguments(TrainingArguments):
     greater_is_better: bool | None = field(default=True, metadata={"help": "Whether a larger metric is better."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the image column for the lazy transform."})
     seed: int = field(default=42, metadata={"help": "Random seed (the study: 42)."})
+    explain_per_class: int = field(
+        default=2,
+        metadata={"help": "At the end of training, explain this many right and this many wrong test images per class "
+                  "(heat maps for the model card, as `hf-medbeit explain --split test`); 0 skips it."},
+    )
     gpu_defaults: bool = field(
         default=True,
         metadata={"help": "On a CUDA GPU: bf16 (fp16 where bf16 is missing) unless --bf16/--fp16 is given, and TF32 unless --tf32 is given. --gpu_defaults False trains in fp32."},
@@ -99,6 +104,7 @@ class PretrainingArguments(MedMNISTTrainingArguments):
     greater_is_better: bool | None = field(default=None, metadata={"help": "Unused in pre-training."})
     save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept for resuming."})
     logging_steps: float = field(default=50, metadata={"help": "Log the loss every N steps."})
+    explain_per_class: int = field(default=0, metadata={"help": "Unused in pre-training (no classifier to explain)."})
 
 
 def setup_logging(training_args) -> None:
@@ -245,7 +251,9 @@ class WeightedLossTrainer(MedMNISTTrainer):
         if self.multi_label:
             per_item = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), pos_weight=weights, reduction="none")
         else:
-            per_item = F.cross_entropy(logits, labels, weight=weights, reduction="none")
+            # --label_smoothing_factor: Trainer's own label smoother never runs, since this loss replaces its.
+            per_item = F.cross_entropy(logits, labels, weight=weights, reduction="none",
+                                       label_smoothing=self.args.label_smoothing_factor)
         if num_items_in_batch is None:
             return per_item.mean()
         loss = per_item.sum() / num_items_in_batch

@@ -133,7 +133,7 @@ def test_resnet18_preset_trains_on_the_fast_path_and_its_run_folder_loads_with_p
     out = tmp_path / "resnet18-28"
     result = run_cli("train", str(PRESETS / "resnet18_28.yaml"), "--dataset_name", "breastmnist", "--data_dir", str(DATA),
                      "--dataset_cache_dir", str(tmp_path / "cache"), "--output_dir", str(out), "--max_steps", "1",
-                     "--max_eval_samples", "16", "--per_device_train_batch_size", "16", "--report_to", "none")
+                     "--max_eval_samples", "16", "--per_device_train_batch_size", "16", "--report_to", "none", "--explain_per_class", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Data path: fast" in result.stdout, result.stdout[-3000:]
     results = json.loads((out / "all_results.json").read_text())

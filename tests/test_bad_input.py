@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 def train_args(root, out, cache, *extra):
     return (
         "train", "--data_dir", str(root), "--dataset_cache_dir", str(cache), "--output_dir", str(out),
-        "--model_type", "beit", "--config_overrides", TINY_BEIT, "--max_steps", "1", "--report_to", "none", *extra,
+        "--model_type", "beit", "--config_overrides", TINY_BEIT, "--max_steps", "1", "--report_to", "none", "--explain_per_class", "0", *extra,
     )
 
 

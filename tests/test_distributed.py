@@ -28,7 +28,7 @@ def test_two_processes_take_the_same_first_step_as_one_process_with_the_whole_ba
         "--dataset_name", "breastmnist", "--data_dir", str(DATA), "--dataset_cache_dir", str(tmp_path / "cache"),
         "--model_type", "beit", "--config_overrides", DETERMINISTIC_BEIT, "--balancing", balancing,
         "--max_steps", "1", "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "1",
-        "--save_strategy", "steps", "--save_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
+        "--save_strategy", "steps", "--save_steps", "1", "--report_to", "none", "--explain_per_class", "0", "--disable_tqdm", "true",
     )
     one = run_cli("train", *common, "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-3000:]

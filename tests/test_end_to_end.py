@@ -76,6 +76,11 @@ def test_quickstart_config_trains_well_above_chance(tmp_path):
     print(f"quickstart: test AUC {results['test_auc']:.4f}, ACC {results['test_acc']:.4f}, "
           f"wall {results['wall_time_seconds']} s")
 
+    # The card shows a few explained test images (explain_per_class, on by default).
+    explained = json.loads((run / "explanations" / "explanations.json").read_text())
+    assert explained and (run / "explanations" / "grid.png").is_file()
+    assert "explanations/grid.png" in (run / "README.md").read_text()
+
     # Running the same command again must not overwrite a finished run.
     again = run_cli("train", str(config_path))
     assert_one_line_error(again, "already holds a finished run")

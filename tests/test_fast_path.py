@@ -202,7 +202,7 @@ def test_train_command_uses_the_fast_path_and_saves_a_plain_model(breast_root, c
         results = main([
             "--dataset_name", "breastmnist", "--data_dir", str(breast_root), "--dataset_cache_dir", str(cache_dir),
             "--model_type", "beit", "--config_overrides", TINY_BEIT, "--output_dir", str(tmp_path / data_path),
-            "--num_train_epochs", "1", "--per_device_train_batch_size", "64", "--report_to", "none",
+            "--num_train_epochs", "1", "--per_device_train_batch_size", "64", "--report_to", "none", "--explain_per_class", "0",
             "--use_cpu", "--disable_tqdm", "True", "--max_train_samples", "128", "--data_path", data_path,
         ])
         return results, sum(images_seen)

@@ -35,7 +35,7 @@ RUN = (
     "--dataset_name", "breastmnist", "--data_dir", str(DATA), "--model_type", "beit", "--config_overrides", TINY_BEIT,
     "--max_steps", "40", "--per_device_train_batch_size", "16", "--learning_rate", "1e-3",
     "--eval_strategy", "steps", "--eval_steps", "10", "--save_strategy", "steps", "--save_steps", "10",
-    "--save_total_limit", "2", "--report_to", "none", "--disable_tqdm", "true",
+    "--save_total_limit", "2", "--report_to", "none", "--explain_per_class", "0", "--disable_tqdm", "true",
     # One log line per step on stdout: the tests inject each fault at a chosen step.
     "--logging_steps", "1",
 )

@@ -154,7 +154,7 @@ def test_train_with_push_to_hub_round_trip(double, tmp_path):
     result = run_cli(
         "train", "--dataset_name", "breastmnist", "--data_dir", str(DATA), "--dataset_cache_dir", str(tmp_path / "cache"),
         "--model_type", "beit", "--config_overrides", TINY_BEIT, "--output_dir", str(run), "--num_train_epochs", "2",
-        "--learning_rate", "1e-3", "--balancing", "weighted_loss", "--report_to", "none",
+        "--learning_rate", "1e-3", "--balancing", "weighted_loss", "--report_to", "none", "--explain_per_class", "0",
         "--push_to_hub", "--hub_model_id", "user/tiny-beit-breastmnist", "--hub_token", TOKEN,
         env=env, cwd=work,
     )

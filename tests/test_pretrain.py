@@ -212,7 +212,7 @@ def test_hf_medbeit_train_fine_tunes_the_pretraining_run_and_records_it(pretrain
     results = finetune.main([
         "--model_name_or_path", str(pretrained_run), "--dataset_name", "breastmnist", "--data_dir", str(DATA),
         "--max_steps", "2", "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "ft"),
-        "--report_to", "none", "--disable_tqdm", "true", "--eval_strategy", "steps", "--eval_steps", "2",
+        "--report_to", "none", "--explain_per_class", "0", "--disable_tqdm", "true", "--eval_strategy", "steps", "--eval_steps", "2",
         "--save_strategy", "steps", "--save_steps", "2",
     ])
     assert results["pretraining"]["run"] == str(pretrained_run)
@@ -306,4 +306,4 @@ def test_train_refuses_to_resume_a_pretraining_folder(pretrained_run, tmp_path):
     (unfinished / "all_results.json").unlink()
     with pytest.raises(UserError, match="unfinished `hf-medbeit pretrain` run"):
         finetune.main(["--dataset_name", "breastmnist", "--data_dir", str(DATA), "--model_type", "beit",
-                       "--config_overrides", TINY_BEIT, "--output_dir", str(unfinished), "--report_to", "none"])
+                       "--config_overrides", TINY_BEIT, "--output_dir", str(unfinished), "--report_to", "none", "--explain_per_class", "0"])

@@ -115,7 +115,7 @@ def test_a_failure_before_the_first_checkpoint_removes_only_a_folder_this_comman
 
 def train(out, cache, *extra):
     return run_cli("train", "--data_dir", str(DATA), "--dataset_cache_dir", str(cache), "--output_dir", str(out),
-                   "--model_type", "beit", "--config_overrides", TINY_BEIT, "--report_to", "none", *extra)
+                   "--model_type", "beit", "--config_overrides", TINY_BEIT, "--report_to", "none", "--explain_per_class", "0", *extra)
 
 
 @pytest.mark.e2e
@@ -144,7 +144,7 @@ def test_resuming_with_another_model_config_is_one_line(tmp_path):
     shutil.copy(out / run_folder.MARKER_FILE, unfinished / run_folder.MARKER_FILE)
     wider = TINY_BEIT.replace("hidden_size=32", "hidden_size=48")
     args = ("--data_dir", str(DATA), "--dataset_cache_dir", str(cache), "--model_type", "beit",
-            "--config_overrides", wider, "--report_to", "none", "--max_steps", "4")
+            "--config_overrides", wider, "--report_to", "none", "--explain_per_class", "0", "--max_steps", "4")
 
     marked = run_cli("train", "--output_dir", str(unfinished), *args)
     assert_one_line_error(marked, "holds an unfinished run with other arguments", "--config_overrides")

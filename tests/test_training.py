@@ -66,6 +66,22 @@ def test_weighted_cross_entropy_equals_hand_computation(tmp_path):
     assert trainer.compute_loss(model, dict(inputs)).item() == pytest.approx(by_hand, rel=1e-5)
 
 
+def test_label_smoothing_factor_is_applied_by_the_weighted_loss(tmp_path):
+    """--label_smoothing_factor reaches the loss (Trainer's own smoother never runs under our loss)."""
+    model = tiny_beit()
+    trainer = make_trainer(tmp_path, model, class_weights=np.array([2.0, 0.5]), label_smoothing_factor=0.1)
+    pixel_values, labels = torch.randn(4, 3, 28, 28), torch.tensor([0, 1, 1, 0])
+    loss = trainer.compute_loss(model, {"pixel_values": pixel_values, "labels": labels}, num_items_in_batch=torch.tensor(4))
+    with torch.no_grad():
+        logits = model(pixel_values=pixel_values).logits
+    log_probs = torch.log_softmax(logits, dim=-1)
+    weights = torch.tensor([2.0, 0.5])
+    # PyTorch's definition: (1 - e) * weighted NLL + e * mean over classes of the class-weighted -log p.
+    smoothed = [(0.9 * -weights[y] * log_probs[i, y] - 0.1 * (weights * log_probs[i]).sum() / 2).item()
+                for i, y in enumerate(labels.tolist())]
+    assert loss.item() == pytest.approx(sum(smoothed) / 4, rel=1e-5)
+
+
 def test_weighted_bce_for_multilabel(tmp_path):
     model = tiny_beit(num_labels=3, problem_type="multi_label_classification")
     pos_weight = np.array([4.0, 1.0, 0.5])
@@ -168,7 +184,7 @@ def recipe(tmp_path, data_root, *extra):
     return [
         "--dataset_name", "breastmnist", "--data_dir", str(data_root), "--skip_md5_check",
         "--dataset_cache_dir", str(tmp_path / "cache"), "--model_type", "beit", "--config_overrides", TINY_BEIT,
-        "--output_dir", str(tmp_path / "run"), "--report_to", "none", "--use_cpu", "--disable_tqdm", "True", *extra,
+        "--output_dir", str(tmp_path / "run"), "--report_to", "none", "--explain_per_class", "0", "--use_cpu", "--disable_tqdm", "True", *extra,
     ]
 
 
