@@ -180,9 +180,11 @@ class PatchCodebook:
 
     @classmethod
     def fit(cls, images, preprocess, patch_size: int, codebook_size: int, normalize: bool, seed: int,
-            max_images: int = 20000, batch_size: int = 512) -> "PatchCodebook":
-        """k-means (scikit-learn's MiniBatchKMeans) on the patches of up to ``max_images`` images
-        of ``images`` (a ``UInt8ImageDataset``), preprocessed as in training (``preprocess``)."""
+            max_images: int = 20000, max_patches: int = 500_000, batch_size: int = 512) -> "PatchCodebook":
+        """k-means (scikit-learn's MiniBatchKMeans) on up to ``max_patches`` patches drawn evenly from
+        up to ``max_images`` images of ``images`` (a ``UInt8ImageDataset``), preprocessed as in
+        training (``preprocess``). The caps bound the memory at 224x224 (196 patches of 768 values
+        per image)."""
         from sklearn.cluster import MiniBatchKMeans
 
         rng = np.random.default_rng(seed)
@@ -191,7 +193,12 @@ class PatchCodebook:
         chunks = []
         for start in range(0, len(chosen), batch_size):
             pixels = preprocess(images.__getitems__(chosen[start : start + batch_size].tolist())["pixel_values"])
-            chunks.append(empty._features(pixels).reshape(-1, pixels.shape[1] * patch_size * patch_size))
+            features = empty._features(pixels)  # (batch, patches, values)
+            per_image = min(features.shape[1], max(1, -(-max_patches // len(chosen))))
+            if per_image < features.shape[1]:
+                keep = torch.from_numpy(np.argsort(rng.random(features.shape[:2]), axis=1)[:, :per_image])
+                features = torch.gather(features, 1, keep[..., None].expand(-1, -1, features.shape[2]))
+            chunks.append(features.reshape(-1, features.shape[2]))
         features = torch.cat(chunks).numpy()
         if len(features) < codebook_size:
             raise ValueError(f"{len(features)} patches cannot make {codebook_size} clusters")
