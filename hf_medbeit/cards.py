@@ -301,6 +301,18 @@ def explained_images(run: Path) -> dict | None:
     }
 
 
+def _pretraining_text(pretraining: dict | None) -> str:
+    """Where the base model came from when it is an `hf-medbeit pretrain` run folder."""
+    if not pretraining:
+        return ""
+    objective = {"tokens": "predicting k-means visual tokens of masked patches, BEiT's objective",
+                 "pixels": "regressing the pixels of masked patches"}.get(pretraining.get("mim_target"), "masked image modeling")
+    epochs = pretraining.get("epochs")
+    return (f" (a BEiT pre-trained without labels by hf-medbeit pretrain, {objective}, on "
+            f"{', '.join(pretraining.get('sources', []))}: {pretraining.get('images_per_epoch', 0):,} images per epoch"
+            + (f" for {epochs:g} epochs" if isinstance(epochs, (int, float)) else "") + ")")
+
+
 def card_context(run_dir: str | os.PathLike, repo_id: str | None = None) -> tuple[ModelCardData, dict]:
     """The card's metadata and template variables, all read from the run folder."""
     run = Path(run_dir)
@@ -377,7 +389,7 @@ def card_context(run_dir: str | os.PathLike, repo_id: str | None = None) -> tupl
         f"random initialisation from a `{model_type}` config"
         + (f" (`{results['config_overrides']}`)" if results.get("config_overrides") else "")
         if from_scratch
-        else f"fine-tuned from `{results.get('model_name_or_path') or base_model}`"
+        else f"fine-tuned from `{results.get('model_name_or_path') or base_model}`" + _pretraining_text(results.get("pretraining"))
     )
     procedure = (
         f"Hugging Face `Trainer` (hf_medbeit's weighted-loss subclass), {init_text}; {frozen_text}; {balancing_text}"
