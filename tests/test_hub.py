@@ -268,3 +268,37 @@ def test_files_to_push_leaves_out_training_state(run_dir):
     names = hub.files_to_push(run_dir)
     assert "model.safetensors" in names and "config.json" in names
     assert not [n for n in names if n.startswith("checkpoint-") or n in ("training_args.bin",) or n.startswith(".")]
+
+
+def test_a_pretraining_run_is_pushed_with_its_codebook_and_card_and_fine_tuned_from_its_hub_id(in_process_hub, tmp_path):
+    """hf-medbeit push publishes a pretrain folder (weights, codebook, its own card); fine-tuning
+    from the Hub id then names that id as the base model."""
+    from hf_medbeit import pretrain
+
+    run = tmp_path / "pretrained"
+    pretrain.main(["--sources", "breastmnist", "--data_dir", str(DATA), "--dataset_cache_dir", str(tmp_path / "cache"),
+                   "--config_overrides", TINY_BEIT.replace(",image_size=28", "") + ",use_relative_position_bias=true",
+                   "--codebook_size", "16", "--codebook_fit_images", "100", "--max_steps", "2", "--output_dir", str(run),
+                   "--report_to", "none", "--disable_tqdm", "true"])
+    before = snapshot(run)
+    hub.push_run(run, "user/beit-mim-tiny")
+    assert snapshot(run) == before  # the folder is only read
+    files = in_process_hub.files("user/beit-mim-tiny")
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "codebook.safetensors", "README.md",
+            outputs.RESULTS_FILE, "pretraining_loss.png"} <= set(files)
+    assert not [name for name in files if name.startswith("checkpoint-") or name.endswith(".bin")]
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.pipeline_tag == "image-feature-extraction"
+    assert "hf-medbeit train --model_name_or_path user/beit-mim-tiny" in card.content
+
+    # Fine-tuning from the Hub id, as a user would (a subprocess pointed at the double).
+    env, work = user_env(in_process_hub, tmp_path)
+    result = run_cli(
+        "train", "--model_name_or_path", "user/beit-mim-tiny", "--dataset_name", "breastmnist", "--data_dir", str(DATA),
+        "--dataset_cache_dir", str(tmp_path / "cache"), "--max_steps", "2", "--output_dir", str(tmp_path / "ft"),
+        "--report_to", "none", "--explain_per_class", "0", "--disable_tqdm", "true", env=env, cwd=work,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "ft" / outputs.RESULTS_FILE).read_text())
+    assert results["base_model"] == "user/beit-mim-tiny"
+    assert "base_model: user/beit-mim-tiny" in (tmp_path / "ft" / "README.md").read_text()
