@@ -472,9 +472,22 @@ def card_context(run_dir: str | os.PathLike, repo_id: str | None = None) -> tupl
 
 
 def render_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
-    """The model card of a finished run; ``repo_id`` names the Hub repository in the card."""
-    card_data, context = card_context(run_dir, repo_id)
-    return ModelCard.from_template(card_data, template_path=str(TEMPLATE), **context)
+    """The model card of a finished run (a fine-tuned classifier, or a pre-trained encoder from
+    ``hf-medbeit pretrain``); ``repo_id`` names the Hub repository in the card."""
+    if run_kind(run_dir) == "pretrain":
+        from .pretraining_card import TEMPLATE as template, pretraining_card_context as context_of
+    else:
+        template, context_of = TEMPLATE, card_context
+    card_data, context = context_of(run_dir, repo_id)
+    return ModelCard.from_template(card_data, template_path=str(template), **context)
+
+
+def run_kind(run_dir: str | os.PathLike) -> str:
+    """train or pretrain, as the run's all_results.json says (the readers then check it whole)."""
+    try:
+        return json.loads((Path(run_dir) / outputs.RESULTS_FILE).read_text()).get("kind", "train")
+    except (OSError, ValueError, AttributeError):
+        return "train"
 
 
 def write_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> Path:

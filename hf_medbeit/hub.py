@@ -127,16 +127,6 @@ def _describe_failure(error: Exception, repo_id: str) -> str:
     return f"could not reach the Hub ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'})"
 
 
-def _run_kind(run: Path) -> str:
-    """train or pretrain, from all_results.json (read_results then checks it whole)."""
-    import json
-
-    try:
-        return json.loads((run / outputs.RESULTS_FILE).read_text()).get("kind", "train")
-    except (OSError, ValueError, AttributeError):
-        return "train"
-
-
 def push_run(
     run_dir: str | os.PathLike,
     repo_id: str,
@@ -161,8 +151,6 @@ def push_run(
     token = _resolve_token(token)
 
     # The card names the repository in its snippet; it is rendered in memory, the folder stays as it is.
-    if _run_kind(run) == "pretrain":
-        from .pretraining_card import render_pretraining_card as render_card
     card = str(render_card(run, repo_id=repo_id)).encode("utf-8")
     operations = [CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card)]
     operations += [

@@ -212,13 +212,13 @@ def _last_logged_loss(log_history: list[dict]) -> float | None:
 def write_pretraining_outputs(output_dir: str, log_history: list[dict], results: dict, run_config: dict) -> None:
     """The resolved config, the loss curve and the model card, then ``all_results.json`` last: its
     presence marks a finished run."""
-    from .pretraining_card import write_pretraining_card
+    from .cards import write_card
 
     folder = Path(output_dir)
     outputs.write_json(folder / outputs.RUN_CONFIG_FILE, run_config)
     outputs.plot_loss_curve(folder / LOSS_PLOT, log_history, f"masked image modeling ({results['mim_target']})")
     outputs.write_json(folder / outputs.RESULTS_FILE, results)
-    write_pretraining_card(output_dir)
+    write_card(output_dir)
     logger.info("Pre-training finished: final loss %s; run folder %s (fine-tune it with hf-medbeit train "
                 "--model_name_or_path %s)", results["final_loss"], output_dir, output_dir)
 

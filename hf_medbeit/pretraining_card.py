@@ -1,6 +1,7 @@
 """The model card of a pre-training run (``hf-medbeit pretrain``): what the encoder is, what it
-was pre-trained on and how, and how to fine-tune it. Rendered with ``huggingface_hub.ModelCard``
-from ``model_cards/pretraining_card_template.md``; every figure comes from the run folder."""
+was pre-trained on and how, and how to fine-tune it. ``cards.render_card``/``cards.write_card``
+render it with ``huggingface_hub.ModelCard`` from ``model_cards/pretraining_card_template.md`` when
+the run folder is a pre-training run; every figure comes from the run folder."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import json
 import os
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCardData
 from medmnist import INFO
 
 from . import outputs
-from .cards import CARD_FILE, CITATIONS, MODEL_CARDS_DIR, hub_license
+from .cards import CITATIONS, MODEL_CARDS_DIR, hub_license
 
 TEMPLATE = MODEL_CARDS_DIR / "pretraining_card_template.md"
 OBJECTIVES = {
@@ -84,16 +85,3 @@ def pretraining_card_context(run_dir: str | os.PathLike, repo_id: str | None = N
         "citations": cited,
     }
     return card_data, context
-
-
-def render_pretraining_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
-    card_data, context = pretraining_card_context(run_dir, repo_id)
-    return ModelCard.from_template(card_data, template_path=str(TEMPLATE), **context)
-
-
-def write_pretraining_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> Path:
-    path = Path(run_dir) / CARD_FILE
-    card = render_pretraining_card(run_dir, repo_id)
-    with outputs.atomic_path(path) as temporary:
-        temporary.write_text(str(card), encoding="utf-8")
-    return path
