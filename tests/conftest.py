@@ -23,14 +23,14 @@ BREASTMNIST_MD5 = "750601b1f35ba3300ea97c75c52ff8f6"
 TINY_BEIT = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,image_size=28,patch_size=4"
 
 
-def two_cpu_processes(*train_args: str) -> tuple[list[str], dict]:
+def two_cpu_processes(*train_args: str, script: str = "train.py") -> tuple[list[str], dict]:
     """``accelerate launch`` of scripts/train.py in 2 CPU processes (configs/accelerate/cpu_2proc.yaml):
     the command and its environment. accelerate starts them through torchrun, so nothing outside
     Python is needed (no MPI)."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
-        str(REPO / "scripts" / "train.py"), *train_args,
+        str(REPO / "scripts" / script), *train_args,
     ]
     return command, {**os.environ, "PYTHONUNBUFFERED": "1"}
 

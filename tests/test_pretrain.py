@@ -22,7 +22,7 @@ from hf_medbeit.errors import UserError
 from hf_medbeit.mim import (BlockMaskGenerator, DeviceAugmenter, PatchCodebook, PixelTarget, RandomMaskGenerator,
                             TokenTarget, collate_images, draw_masks, normalize_patches, patchify)
 
-from conftest import DATA, REPO, TINY_BEIT, assert_one_line_error, run_cli
+from conftest import DATA, REPO, TINY_BEIT, assert_one_line_error, run_cli, two_cpu_processes
 
 # A tiny BEiT for masked image modeling (relative position bias, as BEiT pre-trains).
 TINY_MIM = TINY_BEIT.replace(",image_size=28", "") + ",use_relative_position_bias=true"
@@ -307,3 +307,17 @@ def test_train_refuses_to_resume_a_pretraining_folder(pretrained_run, tmp_path):
     with pytest.raises(UserError, match="unfinished `hf-medbeit pretrain` run"):
         finetune.main(["--dataset_name", "breastmnist", "--data_dir", str(DATA), "--model_type", "beit",
                        "--config_overrides", TINY_BEIT, "--output_dir", str(unfinished), "--report_to", "none", "--explain_per_class", "0"])
+
+
+@pytest.mark.e2e
+def test_accelerate_launch_pretrains_in_two_cpu_processes(tmp_path):
+    """scripts/pretrain.py under `accelerate launch` (2 CPU processes, one gloo group): one run
+    folder, written once, with the batch split between the processes."""
+    command, env = two_cpu_processes(*pretrain_args(tmp_path / "run", "--max_steps", "2", "--per_device_train_batch_size", "8",
+                                                    "--dataset_cache_dir", str(tmp_path / "cache")), script="pretrain.py")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = outputs.read_results(tmp_path / "run", kind="pretrain")
+    assert results["hyperparameters"]["world_size"] == 2
+    assert results["hyperparameters"]["total_train_batch_size"] == 16
+    assert (tmp_path / "run" / "codebook.safetensors").is_file()
