@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from hf_medbeit.arguments import parse_args
+from hf_medbeit.arguments import parse_args, parse_pretrain_args
 from hf_medbeit.data import get_spec
 
 from conftest import REPO
@@ -37,3 +37,13 @@ def test_command_line_and_config_agree(tmp_path):
     from_cli = parse_args(["--dataset_name", "pneumoniamnist", "--size", "64", "--learning_rate", "0.001", "--output_dir", "x"])
     assert from_file[1] == from_cli[1]
     assert from_file[2].learning_rate == from_cli[2].learning_rate == 0.001
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
+def test_pretrain_config_parses(path, monkeypatch):
+    """Every committed pre-training config parses and passes the checks made before any data is
+    loaded (its sources are MedMNIST flags or files that exist, relative to the repository root)."""
+    monkeypatch.chdir(REPO)
+    model_args, data_args, mim_args, training_args = parse_pretrain_args([str(path.relative_to(REPO))])
+    assert data_args.sources and training_args.output_dir.startswith("runs/pretrain/")
+    assert mim_args.mim_target in {"tokens", "pixels"}

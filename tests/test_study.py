@@ -443,7 +443,10 @@ def test_a_clearly_better_method_has_an_interval_above_zero_and_a_small_p():
     assert paired_bootstrap(labels, "binary-class", better, worse, n_resamples=1000) == result
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs" / "study").glob("*grid*.yaml")), ids=lambda path: path.name)
+STUDY_GRIDS = [path for path in sorted((REPO / "configs" / "study").glob("*.yaml")) if "axes:" in path.read_text()]
+
+
+@pytest.mark.parametrize("path", STUDY_GRIDS, ids=lambda path: path.name)
 def test_every_committed_grid_expands_and_every_cell_parses(path, monkeypatch):
     monkeypatch.chdir(REPO)  # the study runs from the repository root: include and data_dir paths are relative to it
     grid = study.load_grid(path.relative_to(REPO))
